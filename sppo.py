@@ -1,0 +1,596 @@
+"""
+Self-Play Preference Optimization (SPPO, Wu et al. 2024, arXiv 2405.00675) in one file.
+
+Alignment as a two-player constant-sum game over responses, judged by a preference model
+P(y ≻ y' | x) that need not be transitive. SPPO approaches the game's Nash equilibrium with
+multiplicative weights,  π_{t+1}(y|x) ∝ π_t(y|x) · exp(η · P(y ≻ π_t | x)),  which after
+taking logs and replacing log Z by its value under π_t (η/2) becomes a regression:
+
+    θ_{t+1} = argmin_θ  E_{x, y~π_t} ( log π_θ(y|x) − log π_t(y|x) − η (P̂(y ≻ π_t|x) − ½) )²
+
+Algorithm 1, one iteration t (this file's sections, in order):
+    1. sample K responses per prompt from π_t                      -> sample()
+    2. judge every ordered pair with the preference model          -> ToyJudge / pairrm_lite
+    3. estimate each response's win rate P̂ against π_t             -> pairwise_probs(), win_rates()
+    4. minimise the squared loss above; the result is π_{t+1}      -> sequence_logps(), sppo_loss()
+
+Defaults are the authors' recipe (../shared/FACTS.md §2): K=5, T=0.7, top-p 0.9, η=1000,
+RMSprop lr 5e-7, winner/loser pairs chosen from aggregated PairRM scores. `--pairs all` and
+`--pair-prob paper` switch to the paper's own Algorithm 1 (all K responses, PairRM's own
+pairwise probability). Deviation: we train on the sampled token ids, not on re-tokenised text.
+
+    python sppo.py                                   # tiny model, toy judge, CPU, ~20 s
+    python sppo.py --model openai-community/gpt2 --prompts prompts.jsonl --judge toy
+    python sppo.py --model mistralai/Mistral-7B-Instruct-v0.2 --judge llm-blender/PairRM
+
+Left out on purpose: vLLM, DeepSpeed, accelerate, Trainer subclasses, a loss zoo.
+"""
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Literal, Optional, get_args, get_type_hints
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------------------
+# Config. Defaults are the authors' values (FACTS.md §2); presets override some of them.
+
+
+def arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    model: str = arg("tiny", "preset name ('tiny') or a Hugging Face path / hub id of the policy π_1")
+    prompts: str = arg("UCLA-AGI/data-mistral-7b-instruct-sppo-iter{t}",
+                       "prompt set: 'builtin', a hub id or a local .json/.jsonl/.parquet/.csv; "
+                       "'{t}' is replaced by the iteration (authors: one disjoint set of ~20k per iteration)")
+    prompt_field: str = arg("prompt", "column holding the prompt text")
+    prompt_split: str = arg("train", "dataset split to read")
+    num_prompts: Optional[int] = arg(None, "use only the first N prompts of each set")
+    eval_prompts: int = arg(32, "held-out prompts (the last ones of iteration 1's set) for the win rates; 0 = no eval")
+    judge: str = arg("llm-blender/PairRM", "preference model: 'toy' or a PairRM path / hub id")
+    out: Optional[str] = arg(None, "output folder (default runs/<timestamp>)")
+    iterations: int = arg(3, "T, number of SPPO iterations (authors: 3)")
+    k: int = arg(5, "K, responses sampled per prompt (authors: 5)")
+    max_new_tokens: int = arg(2048, "sampling budget per response (authors: 2048)")
+    temperature: float = arg(0.7, "sampling temperature; 0 = greedy (authors: 0.7)")
+    top_p: float = arg(0.9, "nucleus sampling mass (authors: 0.9)")
+    max_length: int = arg(1024, "max prompt+response tokens in training (authors: 1024)")
+    max_prompt_length: int = arg(512, "if too long keep the prompt's last N tokens, then cut the response (authors: 512)")
+    pair_prob: Literal["official", "paper"] = arg(
+        "official", "P(y_i ≻ y_j): 'official' σ(s_i − s_j) from aggregated scores (authors' code), "
+                    "'paper' σ(½(M_ij − M_ji)) the judge's own probability")
+    pairs: Literal["winner-loser", "all"] = arg(
+        "winner-loser", "train on argmax/argmin P̂ only (authors' code) or on all K responses (Algorithm 1)")
+    eta: float = arg(1000.0, "η, step size of the multiplicative-weights update (authors: 1000, their β = 1/η)")
+    optimizer: Literal["rmsprop", "adamw"] = arg("rmsprop", "optimiser (authors: RMSprop, torch defaults)")
+    lr: float = arg(5e-7, "peak learning rate (authors: 5e-7)")
+    lr_schedule: Literal["linear", "constant"] = arg("linear", "after warm-up: linear decay to 0 (authors) or constant")
+    warmup_ratio: float = arg(0.1, "fraction of steps with linear warm-up from 0 (authors: 0.1)")
+    epochs: int = arg(1, "passes over each iteration's data (authors: 1)")
+    batch_size: int = arg(64, "prompts per optimiser step, all processes together (authors: 8 per GPU × 8)")
+    grad_accum: int = arg(1, "micro-batches per optimiser step; batch-size must be divisible by it")
+    grad_checkpointing: bool = arg(True, "recompute activations in backward to save memory (authors: on)")
+    sample_batch_size: int = arg(16, "prompts per sampling call (each gives K rows)")
+    seed: int = arg(42, "seed for the tiny model, sampling and shuffling (authors: 42)")
+    trust_remote_code: bool = arg(False, "allow model code from the hub (only if you trust it)")
+
+
+PRESETS = {  # overrides of the authors' defaults; an explicit flag overrides a preset
+    # Measured (FACTS.md §6): η must be large for P̂ − ½ (spread ~0.1) to move a tiny model.
+    "tiny": dict(prompts="builtin", judge="toy", k=8, max_new_tokens=24, temperature=1.0, top_p=1.0,
+                 eta=100.0, optimizer="adamw", lr=3e-3, epochs=3, batch_size=8, pairs="all",
+                 grad_checkpointing=False, sample_batch_size=32, max_length=96, max_prompt_length=64),
+}
+
+# ----------------------------------------------------------------------------------------
+# Models: the policy (a transformers causal LM) and prompts rendered with its chat template.
+
+
+def seed_for(*keys: int) -> int:
+    """A seed that depends only on its keys, e.g. (seed, iteration, prompt index, sample index),
+    so a response's random stream does not depend on batch size or process count."""
+    return int.from_bytes(hashlib.blake2b(repr(keys).encode(), digest_size=8).digest(), "little") >> 1
+
+
+def disable_dropout(model):
+    """The authors train with dropout off: the loss compares π_θ with π_t at the same weights."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
+
+
+def render_prompt(tokenizer, prompt: str) -> tuple[str, list[int]]:
+    """The prompt as text (the judge's 'source') and as token ids. With a chat template: one user
+    turn plus the generation prompt, tokenised without adding special tokens again (the template
+    already holds BOS). Without one (GPT-2): 'User: …\\nAssistant:' with the tokenizer's defaults."""
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        return text, tokenizer(text, add_special_tokens=False).input_ids
+    text = f"User: {prompt}\nAssistant:"
+    return text, tokenizer(text).input_ids
+
+
+def truncate(prompt_ids: list[int], responses: list[list[int]], max_length: int, max_prompt_length: int):
+    """The authors' (TRL DPO) rule: if prompt + longest response > max_length, keep the prompt's
+    last max_prompt_length tokens; responses still too long are cut to max_length − max_prompt_length."""
+    if len(prompt_ids) + max(map(len, responses)) > max_length:
+        prompt_ids = prompt_ids[-max_prompt_length:]
+    cut = max_length - max_prompt_length
+    return prompt_ids, [r[:cut] if len(prompt_ids) + len(r) > max_length else r for r in responses]
+
+
+def pad(seqs: list[list[int]], pad_id: int, left: bool):
+    """Pad to a rectangle: left for sampling (new tokens line up on the right), right for training."""
+    n = max(map(len, seqs))
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(n - len(s), n) if left else slice(0, len(s))
+        ids[i, sl], mask[i, sl] = torch.tensor(s, dtype=torch.long), 1
+    return ids, mask  # [B, n], [B, n]
+
+
+# ----------------------------------------------------------------------------------------
+# Algorithm 1, step 1: sample K responses y_1..y_K ~ π_t(·|x) per prompt.
+
+
+def top_p_filter(probs, top_p: float):
+    """Nucleus: keep the most likely tokens until their mass reaches top_p (the first always)."""
+    sorted_p, idx = probs.sort(-1, descending=True)                     # [B, V]
+    keep_sorted = (sorted_p.cumsum(-1) - sorted_p) < top_p              # mass strictly before < p
+    keep = torch.zeros_like(keep_sorted).scatter(-1, idx, keep_sorted)  # back to vocabulary order
+    probs = probs * keep
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def next_token(logits, temperature: float, top_p: float, generator):
+    """One token per row. The exponential race argmax(p / E), E ~ Exp(1), draws from p; it lets
+    each row use its own generator (a list of B), so a row's sample ignores its batch-mates."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = top_p_filter(torch.softmax(logits.float() / temperature, dim=-1), top_p)  # [B, V]
+    if isinstance(generator, (list, tuple)):
+        noise = torch.stack([torch.empty_like(probs[0]).exponential_(generator=g) for g in generator])
+    else:
+        noise = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / noise.clamp_min(1e-20)).argmax(-1)                  # [B]
+
+
+@torch.no_grad()
+def sample(model, input_ids, attention_mask, *, max_new_tokens: int, temperature: float, top_p: float,
+           eos_token_id, pad_token_id: int, generator=None):
+    """Decode with a KV cache: prefill the left-padded prompts, then one token per step.
+    Returns LongTensor[B, max_new_tokens]; positions after a row's first EOS hold pad_token_id."""
+    from transformers import DynamicCache
+    B, device = input_ids.shape[0], input_ids.device
+    eos = torch.tensor(eos_token_id, device=device).view(-1)            # Llama 3 has two EOS ids
+    out = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)         # left pads: first real token at 0
+    cache = DynamicCache(config=model.config)
+    logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                   use_cache=True, logits_to_keep=1).logits[:, -1]     # prefill: [B, V]
+    for step in range(max_new_tokens):
+        token = next_token(logits, temperature, top_p, generator)
+        token = torch.where(done, pad_token_id, token)                 # finished rows emit padding
+        out[:, step] = token
+        done |= torch.isin(token, eos)
+        if step == max_new_tokens - 1 or done.all():
+            break
+        attention_mask = F.pad(attention_mask, (0, 1), value=1)
+        position_ids = position_ids[:, -1:] + 1
+        logits = model(token[:, None], attention_mask=attention_mask, position_ids=position_ids,
+                       cache=cache, use_cache=True).logits[:, -1]      # decode: [B, V]
+    return out
+
+
+def strip_response(tokens: list[int], eos_ids: list[int]) -> list[int]:
+    """The response up to and including its first EOS (padding only ever follows an EOS)."""
+    for i, tok in enumerate(tokens):
+        if tok in eos_ids:
+            return tokens[: i + 1]
+    return tokens
+
+
+# ----------------------------------------------------------------------------------------
+# Algorithm 1, step 2: judge every ordered pair. A judge maps prompts and K candidates each to
+# M[n, i, j] = logit that candidate i beats candidate j. For real runs the judge is PairRM.
+
+
+class ToyJudge:
+    """A transparent, intransitive preference for the tiny mode; it ignores the prompt:
+        M[a, b] = 8 · (vowels(a) − vowels(b)) + rps(a, b)
+    vowels = fraction of the text's characters in 'aeiouAEIOU'; rps = +1 / −1 / 0 when the class
+    (ord % 3: rock, paper, scissors) of a's first character beats / loses to / ties b's.
+    The cycle makes it a non-Bradley-Terry preference, the case SPPO is built for."""
+
+    def __init__(self, vowel_weight: float = 8.0, cycle_weight: float = 1.0):
+        self.vowel_weight, self.cycle_weight = vowel_weight, cycle_weight
+
+    def logit_matrices(self, prompts: list[str], candidates: list[list[str]]):
+        v = torch.tensor([[sum(c in "aeiouAEIOU" for c in s) / max(len(s), 1) for s in cands]
+                          for cands in candidates])                       # [N, K]
+        cls = torch.tensor([[ord(s[0]) % 3 if s else -1 for s in cands] for cands in candidates])
+        d = (cls[:, :, None] - cls[:, None, :]) % 3                      # [N, K, K]
+        rps = (d == 1).float() - (d == 2).float()                        # +1: i's class beats j's
+        rps[(cls[:, :, None] < 0) | (cls[:, None, :] < 0)] = 0           # empty texts have no class
+        return self.vowel_weight * (v[:, :, None] - v[:, None, :]) + self.cycle_weight * rps
+
+
+def load_judge(name: str, device):
+    if name == "toy":
+        return ToyJudge()
+    fail(f"judge '{name}' is not available: only the built-in 'toy' judge exists in this version")
+
+
+# ----------------------------------------------------------------------------------------
+# Algorithm 1, step 3: win rates P̂(y_i ≻ π_t | x) = (1/K) Σ_j P(y_i ≻ y_j | x).
+
+
+def pairwise_probs(logits, method: str):
+    """P[..., i, j] = P(y_i ≻ y_j) from the judge's logits M[..., i, j] (diagonal ignored).
+    official (authors' code): scores s_i = (1/K) Σ_j (M_ij − M_ji), P_ij = σ(s_i − s_j).
+    paper: the judge's own probability with both orders, P_ij = σ(½(M_ij − M_ji)).
+    Both give P + Pᵀ = 1 and P_ii = ½."""
+    anti = logits - logits.transpose(-1, -2)                             # M_ij − M_ji, [..., K, K]
+    if method == "official":
+        s = anti.mean(-1)                                                # [..., K]
+        return torch.sigmoid(s[..., :, None] - s[..., None, :])
+    if method == "paper":
+        return torch.sigmoid(anti / 2)
+    raise ValueError(f"unknown pairwise probability method {method!r}")
+
+
+def win_rates(P):
+    """P̂_i = mean_j P_ij, the self term P_ii = ½ included (as the authors do), so P̂ ∈ [1/(2K), 1 − 1/(2K)]."""
+    return P.mean(-1)                                                    # [..., K]
+
+
+# ----------------------------------------------------------------------------------------
+# Algorithm 1, step 4: the SPPO loss and the update θ_t -> θ_{t+1}.
+
+
+def sequence_logps(model, input_ids, attention_mask, response_mask):
+    """log π(y|x) = Σ over response tokens of log π(y_n | x, y_<n), in fp32. Only tokens where
+    response_mask is 1 count: the prompt is given, not chosen, and padding is not text."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    logits = logits[:, :-1].float()                                      # predicts token n+1: [B, T-1, V]
+    target = input_ids[:, 1:, None]                                      # [B, T-1, 1]
+    logps = logits.gather(-1, target).squeeze(-1) - logits.logsumexp(-1)  # [B, T-1]
+    return (logps * response_mask[:, 1:]).sum(-1)                        # [B]
+
+
+def sppo_loss(policy_logps, ref_logps, win_rates, eta: float):
+    """Per response: (log π_θ(y|x) − log π_t(y|x) − η (P̂ − ½))². The ½ is log Z / η: π_t wins
+    against itself half the time. η is large (1000) because P̂ − ½ spans only ~±0.4 while the
+    log-ratio of a whole response moves by tens of nats. The batch mean over a winner and a
+    loser equals the authors' ½ (l_w + l_l) per pair."""
+    log_ratio = policy_logps - ref_logps
+    target = eta * (win_rates - 0.5)
+    return (log_ratio - target) ** 2                                     # [N]
+
+
+def lr_at(step: int, total: int, warmup_ratio: float, schedule: str) -> float:
+    """Multiplier of the peak lr: linear warm-up from 0, then linear decay to 0 or constant
+    (transformers' get_linear_schedule_with_warmup, which the authors' Trainer used)."""
+    warmup = math.ceil(total * warmup_ratio)
+    if step < warmup:
+        return step / warmup
+    return 1.0 if schedule == "constant" else max(0.0, (total - step) / max(1, total - warmup))
+
+
+def collate(items, pad_id: int, device):
+    """Right-padded prompt+response rows and their response masks."""
+    ids, mask = pad([it["prompt"] + it["response"] for it in items], pad_id, left=False)
+    resp = torch.zeros_like(mask)
+    for i, it in enumerate(items):
+        resp[i, len(it["prompt"]): len(it["prompt"]) + len(it["response"])] = 1
+    return ids.to(device), mask.to(device), resp.to(device)
+
+
+def train_iteration(model, groups, cfg: Config, t: int, pad_id: int, device, amp, log):
+    """One pass of Algorithm 1's minimisation. groups: one list of items per prompt, each item a
+    dict(prompt, response, win_rate, role); a step takes batch_size prompts, all their items."""
+    items = [it for g in groups for it in g]
+    micro = max(1, cfg.batch_size // cfg.grad_accum)
+    # π_t's log-probs, once, before any update: π_t is these very weights, so no second model.
+    model.eval()
+    with torch.no_grad(), amp:
+        for i in range(0, len(items), micro * 2):
+            chunk = items[i: i + micro * 2]
+            logps = sequence_logps(model, *collate(chunk, pad_id, device))
+            for it, lp in zip(chunk, logps.tolist()):
+                it["ref_logp"] = lp
+    model.train()  # dropout is off; train mode only enables gradient checkpointing
+    opt_cls = torch.optim.RMSprop if cfg.optimizer == "rmsprop" else torch.optim.AdamW
+    opt = opt_cls(model.parameters(), lr=cfg.lr)
+    steps_per_epoch = math.ceil(len(groups) / cfg.batch_size)
+    total, step, tokens, t0 = cfg.epochs * steps_per_epoch, 0, 0, time.time()
+    bar = tqdm(total=total, desc=f"iter {t} train", leave=False)
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed_for(cfg.seed, t, epoch)))
+        for b in range(0, len(groups), cfg.batch_size):
+            batch = [groups[i] for i in order[b: b + cfg.batch_size].tolist()]
+            n_items = sum(map(len, batch))
+            lr = cfg.lr * lr_at(step, total, cfg.warmup_ratio, cfg.lr_schedule)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            loss_sum, stats = 0.0, {"winner": [], "loser": []}
+            for m in range(0, len(batch), micro):
+                chunk = [it for g in batch[m: m + micro] for it in g]
+                ids, mask, resp = collate(chunk, pad_id, device)
+                with amp:
+                    logps = sequence_logps(model, ids, mask, resp)                  # [n]
+                ref = torch.tensor([it["ref_logp"] for it in chunk], device=device)
+                wr = torch.tensor([it["win_rate"] for it in chunk], device=device)
+                loss = sppo_loss(logps, ref, wr, cfg.eta).sum() / n_items           # mean over the step
+                loss.backward()
+                loss_sum += loss.item()
+                tokens += int(mask.sum())
+                for it, r in zip(chunk, (logps - ref).tolist()):
+                    if it["role"] in stats:
+                        stats[it["role"]].append((r, it["win_rate"]))
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))  # measured, not clipped
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            mean = lambda xs, k: sum(x[k] for x in xs) / max(len(xs), 1)
+            log(iteration=t, step=step, loss=loss_sum, lr=lr, grad_norm=float(grad_norm),
+                winner_logratio=mean(stats["winner"], 0), loser_logratio=mean(stats["loser"], 0),
+                winner_winrate=mean(stats["winner"], 1), loser_winrate=mean(stats["loser"], 1))
+            bar.set_postfix(loss=f"{loss_sum:.3g}")
+            bar.update()
+    bar.close()
+    model.eval()
+    return tokens / max(time.time() - t0, 1e-9)
+
+
+# ----------------------------------------------------------------------------------------
+# The loop over iterations: sample, judge, estimate, train, evaluate, save.
+
+
+def sample_responses(model, tokenizer, prompt_ids, k: int, cfg: Config, tag: int, device, amp, desc: str):
+    """K responses per prompt (token ids, EOS kept). Row (prompt i, sample j) draws from its own
+    stream seeded by (seed, tag, i, j); tag is the iteration, or -1 for the held-out set so that
+    every policy is evaluated on the same random numbers."""
+    eos_ids = eos_token_ids(model, tokenizer)
+    responses = []
+    for s in tqdm(range(0, len(prompt_ids), cfg.sample_batch_size), desc=desc, leave=False):
+        rows = [(i, j) for i in range(s, min(s + cfg.sample_batch_size, len(prompt_ids))) for j in range(k)]
+        ids, mask = pad([prompt_ids[i] for i, _ in rows], tokenizer.pad_token_id, left=True)
+        gens = [torch.Generator(device).manual_seed(seed_for(cfg.seed, tag, i, j)) for i, j in rows]
+        with amp:
+            out = sample(model, ids.to(device), mask.to(device), max_new_tokens=cfg.max_new_tokens,
+                         temperature=cfg.temperature, top_p=cfg.top_p, eos_token_id=eos_ids,
+                         pad_token_id=tokenizer.pad_token_id, generator=gens)
+        rows_out = [strip_response(r, eos_ids) for r in out.tolist()]
+        responses += [rows_out[i: i + k] for i in range(0, len(rows_out), k)]
+    return responses
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
+    return eos if isinstance(eos, list) else [eos]
+
+
+def win_rate(judge, prompts: list[str], a: list[list[str]], b: list[list[str]]) -> float:
+    """Mean P(a ≻ b) over matched pairs, with the judge's own probability (σ(½(M_ab − M_ba)))."""
+    src = [p for p, row in zip(prompts, a) for _ in row]
+    pairs = [[x, y] for ra, rb in zip(a, b) for x, y in zip(ra, rb)]
+    return pairwise_probs(judge.logit_matrices(src, pairs), "paper")[:, 0, 1].mean().item()
+
+
+def run(cfg: Config):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
+    logging.disable_progress_bar()  # keep our own bars only
+    torch.manual_seed(cfg.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    out = cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(out, exist_ok=True)
+    write_json(os.path.join(out, "config.json"), dataclasses.asdict(cfg))
+
+    if cfg.model == "tiny":
+        model, tokenizer = tiny_model(cfg.seed)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32,
+                                                     trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    disable_dropout(model)
+    model.to(device).eval()
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    judge = load_judge(cfg.judge, device)
+
+    first = load_prompts(cfg, 1)
+    held_out = first[len(first) - cfg.eval_prompts:] if cfg.eval_prompts else []
+    held_out_set = set(held_out)
+    eval_text, eval_ids = zip(*[render_prompt(tokenizer, p) for p in held_out]) if held_out else ((), ())
+    decode = lambda rs: [[tokenizer.decode(r, skip_special_tokens=True) for r in row] for row in rs]
+    base = prev = decode(sample_responses(model, tokenizer, eval_ids, cfg.k, cfg, -1, device, amp, "eval iter 0"))
+    metrics = open(os.path.join(out, "metrics.jsonl"), "a")
+    log = lambda **m: metrics.write(json.dumps(m) + "\n") or metrics.flush()
+
+    for t in range(1, cfg.iterations + 1):
+        t_start = time.time()
+        prompts = [p for p in (first if t == 1 else load_prompts(cfg, t)) if p not in held_out_set]
+        texts, ids = zip(*[render_prompt(tokenizer, p) for p in prompts])
+        # step 1: sample K responses per prompt from π_t
+        t0 = time.time()
+        responses = sample_responses(model, tokenizer, ids, cfg.k, cfg, t, device, amp, f"iter {t} sample")
+        sample_tps = sum(len(r) for row in responses for r in row) / (time.time() - t0)
+        # step 2: judge every ordered pair
+        t0 = time.time()
+        M = judge.logit_matrices(list(texts), decode(responses))          # [N, K, K]
+        judge_pps = M.shape[0] * cfg.k * (cfg.k - 1) / max(time.time() - t0, 1e-9)
+        # step 3: win rates against π_t
+        wr = win_rates(pairwise_probs(M, cfg.pair_prob))                  # [N, K]
+        winners, losers = wr.argmax(-1).tolist(), wr.argmin(-1).tolist()  # first index on ties
+        groups, rows = [], []
+        for i, (p_ids, resp) in enumerate(zip(ids, responses)):
+            w, l = winners[i], losers[i]
+            rows.append(dict(prompt=prompts[i], responses=decode([resp])[0], logits=M[i].tolist(),
+                             win_rates=wr[i].tolist(), winner=w, loser=l))
+            if w == l:  # every response judged equal: nothing to learn from this prompt
+                continue
+            chosen = [w, l] if cfg.pairs == "winner-loser" else list(range(cfg.k))
+            p_cut, r_cut = truncate(list(p_ids), [resp[j] for j in chosen], cfg.max_length, cfg.max_prompt_length)
+            roles = {w: "winner", l: "loser"}
+            groups.append([dict(prompt=p_cut, response=r, win_rate=wr[i, j].item(), role=roles.get(j, "other"))
+                           for j, r in zip(chosen, r_cut)])
+        # step 4: minimise the SPPO loss; the model becomes π_{t+1}
+        train_tps = train_iteration(model, groups, cfg, t, tokenizer.pad_token_id, device, amp, log)
+        # evaluate on held-out prompts against the start and against the previous policy
+        new = decode(sample_responses(model, tokenizer, eval_ids, cfg.k, cfg, -1, device, amp, f"eval iter {t}"))
+        vs_base, vs_prev = (win_rate(judge, eval_text, new, base), win_rate(judge, eval_text, new, prev)) \
+            if held_out else (None, None)
+        prev = new
+        save(model, tokenizer, os.path.join(out, f"iter{t}"), rows)
+        m = dict(iteration=t, win_rate_vs_base=vs_base, win_rate_vs_prev=vs_prev, sample_tokens_per_s=sample_tps,
+                 judge_pairs_per_s=judge_pps, train_tokens_per_s=train_tps, seconds=time.time() - t_start,
+                 skipped_prompts=len(prompts) - len(groups))
+        log(**m)
+        wr_text = f"win rate vs base {vs_base:.3f}, vs previous {vs_prev:.3f}" if held_out else "no eval"
+        print(f"iter {t}: {wr_text}, {len(groups)} prompts trained, {m['seconds']:.1f}s", flush=True)
+    metrics.close()
+    return out
+
+
+def save(model, tokenizer, path: str, rows):
+    """π_{t+1} in Hugging Face format (safetensors) with its tokenizer and the iteration's samples,
+    written to a temporary folder first so a crash never leaves a half-written checkpoint."""
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    with open(os.path.join(tmp, "samples.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------
+# Plumbing: the tiny model, prompt loading, command line.
+
+TINY_CHAT_TEMPLATE = "{{ bos_token }}{% for m in messages %}Q: {{ m['content'] }}{% endfor %}" \
+                     "{% if add_generation_prompt %} A:{% endif %}"
+
+
+def tiny_tokenizer():
+    """One token per printable ASCII character (plus newline), built in code: no download."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+    vocab = ["<pad>", "<s>", "</s>", "<unk>"] + [chr(i) for i in range(32, 127)] + ["\n"]
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(vocab)}, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", chat_template=TINY_CHAT_TEMPLATE)
+
+
+def tiny_model(seed: int):
+    """A random 2-layer Llama (~0.1M parameters) that learns the toy judge in seconds on a CPU."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tok = tiny_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config), tok
+
+
+def builtin_prompts() -> list[str]:
+    """128 short prompts, shuffled with a fixed seed: the first 96 train, the last 32 are held out."""
+    topics = ["the sea", "a cat", "rain", "the moon", "bread", "a river", "old trees", "winter",
+              "a city", "music", "the wind", "a garden", "fire", "snow", "a bridge", "stars"]
+    asks = ["Tell me about {}.", "Describe {}.", "Write a line on {}.", "What is {}?",
+            "Say something about {}.", "Give a word for {}.", "Sing of {}.", "Name {}."]
+    prompts = [a.format(t) for t in topics for a in asks]
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(0)).tolist()
+    return [prompts[i] for i in order]
+
+
+def load_prompts(cfg: Config, t: int) -> list[str]:
+    """The prompt set of iteration t, from the built-in list, a local file or the hub."""
+    if cfg.prompts == "builtin":
+        prompts = builtin_prompts()
+    else:
+        import datasets
+        source = cfg.prompts.replace("{t}", str(t))
+        kinds = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+        ext = os.path.splitext(source)[1].lower()
+        if ext in kinds:
+            if not os.path.isfile(source):
+                fail(f"prompt file '{source}' not found: check --prompts")
+            ds = datasets.load_dataset(kinds[ext], data_files=source, split="train")
+        else:
+            ds = datasets.load_dataset(source, split=cfg.prompt_split)
+        if cfg.prompt_field not in ds.column_names:
+            fail(f"no field '{cfg.prompt_field}' in {source}; it has {ds.column_names}: pass --prompt-field")
+        prompts = list(ds[cfg.prompt_field])
+    prompts = prompts[: cfg.num_prompts] if cfg.num_prompts else prompts
+    if not prompts:
+        fail(f"no prompts in '{cfg.prompts}'")
+    return prompts
+
+
+def write_json(path: str, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def fail(message: str):
+    """A user error: one line naming the problem and the fix, exit code 2."""
+    print(f"sppo: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_config(argv=None) -> Config:
+    """Flags come from Config's fields. Precedence: the authors' default < preset < explicit flag."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    hints = get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        kind, flag = hints[f.name], "--" + f.name.replace("_", "-")
+        kw = dict(default=None, help=f"{f.metadata['help']} (default: {f.default})")
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif getattr(kind, "__origin__", None) is Literal:
+            p.add_argument(flag, choices=get_args(kind), **kw)
+        else:
+            base = next((a for a in get_args(kind) if a is not type(None)), kind)  # Optional[int] -> int
+            p.add_argument(flag, type=base, **kw)
+    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    preset = PRESETS.get(given.get("model", Config.model), {})
+    cfg = Config(**{**preset, **given})
+    if cfg.k < 2:
+        fail(f"--k {cfg.k}: SPPO compares responses, so K must be at least 2")
+    if cfg.eta <= 0:
+        fail(f"--eta {cfg.eta}: η must be positive")
+    if cfg.batch_size % cfg.grad_accum:
+        fail(f"--batch-size {cfg.batch_size} is not divisible by --grad-accum {cfg.grad_accum}")
+    return cfg
+
+
+if __name__ == "__main__":
+    run(parse_config())

@@ -1,0 +1,315 @@
+"""Tests for sppo.py and pairrm_lite.py. CPU only, no downloads: every model is built from a small
+config with a fixed seed, saved to a temporary folder and loaded back with from_pretrained."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sppo
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_sppo(*args, cwd=HERE, timeout=300):
+    return subprocess.run([sys.executable, os.path.join(HERE, "sppo.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------- the math
+
+
+def test_sppo_loss_by_hand_and_zero_at_target():
+    policy, ref = torch.tensor([-10.0, -20.0]), torch.tensor([-12.0, -15.0])
+    wr = torch.tensor([0.8, 0.3])
+    # log-ratios 2 and -5; targets 10*(0.3) = 3 and 10*(-0.2) = -2; squared errors 1 and 9
+    assert torch.allclose(sppo.sppo_loss(policy, ref, wr, eta=10.0), torch.tensor([1.0, 9.0]))
+    at_target = ref + 10.0 * (wr - 0.5)
+    assert torch.allclose(sppo.sppo_loss(at_target, ref, wr, eta=10.0), torch.zeros(2), atol=1e-10)
+
+
+def test_pairwise_probs_official_against_a_direct_loop():
+    torch.manual_seed(0)
+    M = torch.randn(2, 4, 4) * 3  # not antisymmetric, diagonal not zero: both must not matter
+    P = sppo.pairwise_probs(M, "official")
+    K = 4
+    for n in range(2):
+        s = [sum(M[n, i, j] - M[n, j, i] for j in range(K)) / K for i in range(K)]
+        for i in range(K):
+            for j in range(K):
+                assert math.isclose(P[n, i, j].item(), 1 / (1 + math.exp(-(s[i] - s[j]))), abs_tol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["official", "paper"])
+def test_pairwise_probs_is_a_probability(method):
+    torch.manual_seed(1)
+    M = torch.randn(3, 5, 5) * 4
+    P = sppo.pairwise_probs(M, method)
+    assert torch.allclose(P + P.transpose(-1, -2), torch.ones_like(P), atol=1e-6)
+    assert torch.allclose(torch.diagonal(P, dim1=-2, dim2=-1), torch.full((3, 5), 0.5))
+    # changing the diagonal of M changes nothing
+    assert torch.allclose(sppo.pairwise_probs(M + 7 * torch.eye(5), method), P, atol=1e-6)
+
+
+def test_pairwise_probs_paper_is_the_judges_both_orders_probability():
+    M = torch.tensor([[0.0, 2.0], [-1.0, 0.0]])
+    P = sppo.pairwise_probs(M, "paper")
+    assert math.isclose(P[0, 1].item(), 1 / (1 + math.exp(-1.5)), rel_tol=1e-6)  # σ(½(2 − (−1)))
+
+
+def test_win_rates_include_the_self_term():
+    P = torch.tensor([[0.5, 0.8, 0.6], [0.2, 0.5, 0.9], [0.4, 0.1, 0.5]])
+    assert torch.allclose(sppo.win_rates(P), torch.tensor([1.9 / 3, 1.6 / 3, 1.0 / 3]))
+
+
+def test_lr_schedule_matches_transformers():
+    from transformers import get_linear_schedule_with_warmup
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    ref = get_linear_schedule_with_warmup(opt, num_warmup_steps=math.ceil(0.1 * 25), num_training_steps=25)
+    for step in range(25):
+        assert math.isclose(sppo.lr_at(step, 25, 0.1, "linear"), ref.get_last_lr()[0], abs_tol=1e-12)
+        opt.step()
+        ref.step()
+    assert sppo.lr_at(0, 25, 0.1, "constant") == 0.0 and sppo.lr_at(20, 25, 0.1, "constant") == 1.0
+
+
+def test_truncation_rule():
+    prompt = list(range(100, 108))  # 8 tokens; max_length 10, max_prompt_length 6 (cut = 4)
+    # fits: unchanged
+    assert sppo.truncate(prompt[:4], [[1, 2]], 10, 6) == (prompt[:4], [[1, 2]])
+    # too long: keep the prompt's last 6; responses that still do not fit are cut to 10 − 6 = 4
+    p, rs = sppo.truncate(prompt, [[1, 2, 3, 4, 5, 6], [7]], 10, 6)
+    assert p == prompt[-6:] and rs == [[1, 2, 3, 4], [7]]
+    # a short prompt with a long response: the prompt is kept whole, the response cut to 4
+    p, rs = sppo.truncate(prompt[:3], [list(range(20))], 10, 6)
+    assert p == prompt[:3] and rs == [[0, 1, 2, 3]]
+    # prompt truncation alone can be enough
+    p, rs = sppo.truncate(prompt, [[1, 2, 3]], 10, 6)
+    assert p == prompt[-6:] and rs == [[1, 2, 3]]
+
+
+def test_toy_judge_values_and_its_cycle():
+    judge = sppo.ToyJudge()
+    # "aaa": all vowels, class ord('a') % 3 = 1 (paper); "bcd": no vowels, class 2 (scissors)
+    M = judge.logit_matrices(["x"], [["aaa", "bcd", ""]])[0]
+    assert math.isclose(M[0, 1].item(), 8.0 - 1.0)  # scissors beats paper
+    assert math.isclose(M[0, 2].item(), 8.0)  # the empty text has no class
+    assert torch.allclose(M, -M.T)
+    # same vowel fraction, classes 0, 1, 2 ('c', 'a', 'b'): a rock-paper-scissors cycle
+    M = judge.logit_matrices(["x"], [["cx", "ax", "bx"]])[0]  # vowel fractions 0, 0.5, 0
+    M = M - 8 * torch.tensor([[0, -0.5, 0], [0.5, 0, 0.5], [0, -0.5, 0]])  # remove the vowel term
+    assert M[1, 0] > 0 and M[2, 1] > 0 and M[0, 2] > 0  # paper ≻ rock, scissors ≻ paper, rock ≻ scissors
+
+
+# ---------------------------------------------------------------------------- models
+
+
+def tiny_causal_lm(arch, tmp_path, vocab=64):
+    """A random model of the given architecture, saved and reloaded like a real checkpoint."""
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+    # a wide init so that random models emit varied tokens rather than one token over and over
+    common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.3)
+    if arch == "gpt2":
+        config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, **common)
+    else:
+        cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch]
+        config = cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=128, **common)
+    torch.manual_seed(0)
+    path = tmp_path / arch
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def left_padded_batch(pad_id=0):
+    return sppo.pad([[5, 9, 13, 7, 30, 11], [8, 3], [21, 22, 23, 24]], pad_id, left=True)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "mistral", "qwen2"])
+def test_greedy_sample_matches_generate(arch, tmp_path):
+    model = tiny_causal_lm(arch, tmp_path)
+    ids, mask = left_padded_batch()
+    n = 12
+    kw = dict(max_new_tokens=n, temperature=0.0, top_p=1.0, pad_token_id=0)
+    free = sppo.sample(model, ids, mask, eos_token_id=-1, **kw)  # no EOS: all n tokens
+    # a token that a row emits for the first time mid-way becomes the EOS, so an EOS is hit
+    b, s = next((b, s) for s in range(1, n - 2) for b in range(3) if free[b, s] not in free[b, :s])
+    eos = free[b, s].item()
+    ours = sppo.sample(model, ids, mask, eos_token_id=eos, **kw)
+    theirs = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
+                            eos_token_id=eos, pad_token_id=0)[:, ids.shape[1]:]
+    assert torch.equal(ours[b, :s + 1], free[b, :s + 1]) and (ours[b, s + 1:] == 0).all()  # padded after EOS
+    theirs = torch.nn.functional.pad(theirs, (0, n - theirs.shape[1]), value=0)  # generate may stop early
+    assert torch.equal(ours, theirs)
+
+
+def test_top_p_filter_keeps_exactly_the_nucleus():
+    probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])
+    keep = lambda p: (sppo.top_p_filter(probs, p) > 0)[0].tolist()
+    assert keep(0.4) == [False, True, False, False]  # the most likely token is always kept
+    assert keep(0.7) == [False, True, False, True]  # 0.5 < 0.7, 0.8 ≥ 0.7
+    assert keep(0.85) == [True, True, False, True]
+    assert keep(1.0) == [True, True, True, True]
+    assert torch.allclose(sppo.top_p_filter(probs, 0.7), torch.tensor([[0, 0.5 / 0.8, 0, 0.3 / 0.8]]))
+
+
+def test_next_token_samples_only_from_the_nucleus_in_proportion():
+    logits = torch.log(torch.tensor([0.15, 0.5, 0.05, 0.3])).repeat(20000, 1)
+    tokens = sppo.next_token(logits, 1.0, 0.7, torch.Generator().manual_seed(0))
+    counts = torch.bincount(tokens, minlength=4).float() / len(tokens)
+    assert counts[0] == 0 and counts[2] == 0
+    assert abs(counts[1] - 0.625) < 0.02 and abs(counts[3] - 0.375) < 0.02
+    # temperature scales the logits before the softmax: T=0.5 squares and renormalises the probabilities
+    tokens = sppo.next_token(logits, 0.5, 1.0, torch.Generator().manual_seed(1))
+    counts = torch.bincount(tokens, minlength=4).float() / len(tokens)
+    target = torch.tensor([0.15, 0.5, 0.05, 0.3]) ** 2
+    assert torch.allclose(counts, target / target.sum(), atol=0.02)
+
+
+def test_sampling_is_reproducible_and_ignores_batch_mates(tmp_path):
+    model = tiny_causal_lm("llama", tmp_path)
+    ids, mask = left_padded_batch()
+    kw = dict(max_new_tokens=10, temperature=1.0, top_p=0.9, eos_token_id=2, pad_token_id=0)
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]
+    a = sppo.sample(model, ids, mask, generator=gens([1, 2, 3]), **kw)
+    b = sppo.sample(model, ids, mask, generator=gens([1, 2, 3]), **kw)
+    c = sppo.sample(model, ids, mask, generator=gens([4, 5, 6]), **kw)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # row 1 alone, unpadded, with its own stream: the same tokens as inside the padded batch
+    alone = sppo.sample(model, ids[1:2, -2:], mask[1:2, -2:], generator=gens([2]), **kw)
+    assert torch.equal(alone[0], a[1])
+
+
+def test_sequence_logps_against_a_direct_computation(tmp_path):
+    model = tiny_causal_lm("gpt2", tmp_path)
+    prompts, responses = [[5, 6, 7], [9]], [[10, 11], [12, 13, 14, 2]]
+    ids, mask, resp = sppo.collate([dict(prompt=p, response=r) for p, r in zip(prompts, responses)], 0, "cpu")
+    got = sppo.sequence_logps(model, ids, mask, resp)
+    for b, (p, r) in enumerate(zip(prompts, responses)):
+        seq = torch.tensor([p + r])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(seq).logits[0].double(), -1)  # no padding at all
+        expected = sum(logp[len(p) + n - 1, tok].item() for n, tok in enumerate(r))
+        assert math.isclose(got[b].item(), expected, abs_tol=1e-4)
+
+
+def test_a_gradient_step_raises_the_winner_and_lowers_the_loser(tmp_path):
+    model = tiny_causal_lm("llama", tmp_path)
+    items = [dict(prompt=[5, 6, 7], response=[10, 11, 12, 13]), dict(prompt=[5, 6, 7], response=[40, 41, 42, 43])]
+    batch = sppo.collate(items, 0, "cpu")
+    with torch.no_grad():
+        ref = sppo.sequence_logps(model, *batch)
+    wr = torch.tensor([0.8, 0.2])  # winner, loser
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    sppo.sppo_loss(sppo.sequence_logps(model, *batch), ref, wr, eta=10.0).mean().backward()
+    opt.step()
+    with torch.no_grad():
+        ratio = sppo.sequence_logps(model, *batch) - ref
+    assert ratio[0] > 0 > ratio[1]
+
+
+# ---------------------------------------------------------------------------- prompts and data
+
+
+def llama_like_tokenizer(with_template=True):
+    """The tiny tokenizer, but adding BOS by default like Llama's, to catch a double BOS."""
+    from tokenizers import processors
+    tok = sppo.tiny_tokenizer()
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    if not with_template:
+        tok.chat_template = None
+    return tok
+
+
+def test_chat_template_rendering_has_one_bos():
+    tok = llama_like_tokenizer()
+    assert tok("hi").input_ids[0] == tok.bos_token_id  # the tokenizer adds BOS by itself
+    text, ids = sppo.render_prompt(tok, "hi")
+    assert text == "<s>Q: hi A:"
+    assert ids == [tok.bos_token_id] + tok("Q: hi A:", add_special_tokens=False).input_ids
+
+
+def test_no_template_fallback():
+    tok = llama_like_tokenizer(with_template=False)
+    text, ids = sppo.render_prompt(tok, "hi")
+    assert text == "User: hi\nAssistant:"
+    assert ids == [tok.bos_token_id] + tok(text, add_special_tokens=False).input_ids
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "csv", "parquet"])
+def test_load_prompts_from_local_files(tmp_path, ext):
+    import datasets
+    rows = {"instruction": [f"question {i}" for i in range(5)], "other": list(range(5))}
+    path = str(tmp_path / f"p.{ext}")
+    ds = datasets.Dataset.from_dict(rows)
+    {"jsonl": ds.to_json, "csv": ds.to_csv, "parquet": ds.to_parquet}[ext](path)
+    cfg = sppo.Config(prompts=path, prompt_field="instruction", num_prompts=3)
+    assert sppo.load_prompts(cfg, 1) == ["question 0", "question 1", "question 2"]
+    cfg = sppo.Config(prompts=path.replace("p.", "{t}."), prompt_field="instruction")
+    with pytest.raises(SystemExit):  # '{t}' makes it '1.<ext>', which does not exist
+        sppo.load_prompts(cfg, 1)
+
+
+def test_unknown_prompt_field_names_the_fields(tmp_path, capsys):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"question": "a"}\n')
+    with pytest.raises(SystemExit) as e:
+        sppo.load_prompts(sppo.Config(prompts=str(path)), 1)
+    assert e.value.code == 2 and "['question']" in capsys.readouterr().err
+
+
+def test_presets_and_flags():
+    tiny = sppo.parse_config([])
+    assert tiny.model == "tiny" and tiny.judge == "toy" and tiny.eta == 100.0
+    assert sppo.parse_config(["--k", "4"]).k == 4 and sppo.parse_config(["--k", "4"]).eta == 100.0
+    real = sppo.parse_config(["--model", "some/model", "--no-grad-checkpointing"])
+    assert (real.k, real.eta, real.lr, real.optimizer, real.temperature, real.top_p) == (5, 1000.0, 5e-7, "rmsprop", 0.7, 0.9)
+    assert real.grad_checkpointing is False
+    for bad in (["--k", "1"], ["--eta", "0"], ["--batch-size", "10", "--grad-accum", "3"]):
+        with pytest.raises(SystemExit) as e:
+            sppo.parse_config(bad)
+        assert e.value.code == 2
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+def test_default_run_learns_and_its_outputs_reload(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    out = tmp_path / "run"
+    r = run_sppo("--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    per_iter = [m for m in metrics if "win_rate_vs_base" in m]
+    per_step = [m for m in metrics if "step" in m]
+    assert [m["iteration"] for m in per_iter] == [1, 2, 3]
+    assert per_iter[-1]["win_rate_vs_base"] >= 0.70, per_iter
+    assert set(per_step[0]) == {"iteration", "step", "loss", "lr", "grad_norm", "winner_logratio",
+                                "loser_logratio", "winner_winrate", "loser_winrate"}
+    assert len(per_step) == 3 * 36  # 96 prompts / 8 per step × 3 epochs × 3 iterations
+    rows = [json.loads(line) for line in (out / "iter3" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 96 and len(rows[0]["responses"]) == 8 and len(rows[0]["logits"]) == 8
+    assert rows[0]["win_rates"][rows[0]["winner"]] == max(rows[0]["win_rates"])
+    model = AutoModelForCausalLM.from_pretrained(out / "iter3")
+    tok = AutoTokenizer.from_pretrained(out / "iter3")
+    text, ids = sppo.render_prompt(tok, "Tell me about the sea.")
+    tokens = sppo.sample(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=8,
+                         temperature=0.0, top_p=1.0, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    assert tokens.shape == (1, 8)
+    assert "iter 3: win rate vs base" in r.stdout
+
+
+def test_runs_are_reproducible_by_seed(tmp_path):
+    from safetensors.torch import load_file
+    args = ["--iterations", "1", "--num-prompts", "40", "--eval-prompts", "8", "--epochs", "1"]
+    runs = [tmp_path / "a", tmp_path / "b", tmp_path / "c"]
+    for out, seed in zip(runs, ["1", "1", "2"]):
+        r = run_sppo("--out", str(out), "--seed", seed, *args)
+        assert r.returncode == 0, r.stderr[-3000:]
+    samples = [(out / "iter1" / "samples.jsonl").read_text() for out in runs]
+    weights = [load_file(out / "iter1" / "model.safetensors") for out in runs]
+    assert samples[0] == samples[1] and samples[0] != samples[2]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
