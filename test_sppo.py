@@ -313,3 +313,27 @@ def test_runs_are_reproducible_by_seed(tmp_path):
     weights = [load_file(out / "iter1" / "model.safetensors") for out in runs]
     assert samples[0] == samples[1] and samples[0] != samples[2]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_real_model_path_with_a_local_checkpoint_and_prompt_file(tmp_path):
+    """--model DIR goes through AutoModelForCausalLM / AutoTokenizer (GPT-2, no chat template,
+    gradient checkpointing on by default), --prompts through datasets."""
+    from transformers import AutoModelForCausalLM
+    tok = sppo.tiny_tokenizer()
+    tok.chat_template = None
+    model = tiny_causal_lm("gpt2", tmp_path, vocab=len(tok))
+    model.save_pretrained(tmp_path / "policy")
+    tok.save_pretrained(tmp_path / "policy")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"question": f"what is {i}?"}) + "\n" for i in range(12)))
+    out = tmp_path / "run"
+    r = run_sppo("--model", str(tmp_path / "policy"), "--prompts", str(prompts), "--prompt-field", "question",
+                 "--judge", "toy", "--iterations", "1", "--k", "3", "--max-new-tokens", "6", "--eval-prompts", "4",
+                 "--batch-size", "4", "--grad-accum", "2", "--lr", "1e-3", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "iter1" / "samples.jsonl").read_text().splitlines()]
+    assert [row["prompt"] for row in rows] == [f"what is {i}?" for i in range(8)]  # the last 4 are held out
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"step"' in line]
+    assert len(steps) == 2 and steps[0]["lr"] == 0.0  # 8 prompts / 4 per step; warm-up starts at 0
+    trained = AutoModelForCausalLM.from_pretrained(out / "iter1")
+    assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), model.state_dict().values()))
