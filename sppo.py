@@ -234,9 +234,11 @@ class ToyJudge:
 
 
 def load_judge(name: str, device):
+    """'toy', or PairRM (pairrm_lite) from a folder or hub id; bf16 on CUDA, fp32 on the CPU."""
     if name == "toy":
         return ToyJudge()
-    fail(f"judge '{name}' is not available: only the built-in 'toy' judge exists in this version")
+    from pairrm_lite import PairRM
+    return PairRM.from_pretrained(name, device=device, dtype=torch.bfloat16 if device.type == "cuda" else None)
 
 
 # ----------------------------------------------------------------------------------------

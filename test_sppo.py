@@ -12,6 +12,29 @@ import torch
 import sppo
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+bench = pytest.mark.skipif(os.environ.get("SPPO_BENCH") != "1", reason="benchmark: set SPPO_BENCH=1")
+
+
+def timed_pair(ours, theirs, repeats=3):
+    """Median seconds of two contenders, run alternately after one warm-up each, and their last results."""
+    import statistics
+    import time
+    times = {ours: [], theirs: []}
+    results = {ours: ours(), theirs: theirs()}  # warm-up
+    for _ in range(repeats):
+        for fn in (ours, theirs):
+            t0 = time.perf_counter()
+            results[fn] = fn()
+            times[fn].append(time.perf_counter() - t0)
+    return statistics.median(times[ours]), statistics.median(times[theirs]), results[ours], results[theirs]
+
+
+def report_bench(name, ours, theirs, unit, **extra):
+    """Print one line and append it as JSON to bench.jsonl (or $SPPO_BENCH_FILE)."""
+    print(f"\nbench {name}: ours {ours:.4g}, theirs {theirs:.4g}, ratio {ours / theirs:.2f} ({unit})")
+    with open(os.environ.get("SPPO_BENCH_FILE", os.path.join(HERE, "bench.jsonl")), "a") as f:
+        f.write(json.dumps(dict(name=name, ours=ours, theirs=theirs, ratio=ours / theirs, unit=unit,
+                                threads=torch.get_num_threads(), **extra)) + "\n")
 
 
 def run_sppo(*args, cwd=HERE, timeout=300):
@@ -337,3 +360,256 @@ def test_real_model_path_with_a_local_checkpoint_and_prompt_file(tmp_path):
     assert len(steps) == 2 and steps[0]["lr"] == 0.0  # 8 prompts / 4 per step; warm-up starts at 0
     trained = AutoModelForCausalLM.from_pretrained(out / "iter1")
     assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), model.state_dict().values()))
+
+
+# ---------------------------------------------------------------------------- pairrm_lite
+
+import pickle  # noqa: E402  (only to write booby-trapped files that must never be unpickled)
+
+import pairrm_lite  # noqa: E402
+
+WORDS = [f"w{i}" for i in range(200)]
+
+
+class Trap:
+    """Unpickling this creates a file: proof that a pickle was (or was not) opened."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def tiny_pairrm_tokenizer():
+    """A word-level tokenizer made offline, with DeBERTa's [CLS] … [SEP] template and PairRM's
+    four prefixes added as ordinary (non-special, normalised) tokens, as in the published one."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"] + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
+    tok.add_special_tokens(["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"])
+    tok.add_tokens([AddedToken(t, special=False, normalized=True) for t in pairrm_lite.PREFIXES.values()])
+    return tok
+
+
+def tiny_deberta_config(vocab_size):
+    """DeBERTa-v3 style: relative attention, position buckets, shared keys, p2c|c2p, no absolute positions."""
+    return dict(model_type="deberta-v2", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=64, hidden_act="gelu", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+                max_position_embeddings=64, type_vocab_size=0, initializer_range=0.3, layer_norm_eps=1e-7,
+                relative_attention=True, max_relative_positions=-1, position_buckets=16, norm_rel_ebd="layer_norm",
+                share_att_key=True, pos_att_type="p2c|c2p", position_biased_input=False, pad_token_id=0,
+                vocab_size=vocab_size)
+
+
+def write_pairrm(folder, layout, state, tok, enc, sentinel):
+    """A checkpoint folder laid out exactly as llm-blender/PairRM ('original') or PairRM-hf ('hf')."""
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    ids = {k: tok.token_to_id(v) for k, v in pairrm_lite.PREFIXES.items()}
+    if layout == "original":
+        config = {"ranker_type": "pairranker", "model_type": "deberta", "model_name": "microsoft/deberta-v3-large",
+                  "source_maxlength": 1224, "candidate_maxlength": 412, "n_tasks": 1, "drop_out": 0.05, "fp16": True}
+        json.dump(config, open(folder / "ranker_config.json", "w"))
+        (folder / "spm.model").write_bytes(b"not read")
+    else:
+        config = dict(enc, architectures=["DebertaV2PairRM"], n_tasks=1, drop_out=0.05, **ids)
+    json.dump(config, open(folder / "config.json", "w"))
+    save_file(state, folder / "model.safetensors")
+    tok.save(str(folder / "tokenizer.json"))
+    json.dump({v: ids[k] for k, v in pairrm_lite.PREFIXES.items()}, open(folder / "added_tokens.json", "w"))
+    json.dump({"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]"}, open(folder / "special_tokens_map.json", "w"))
+    json.dump({"model_max_length": 2048}, open(folder / "tokenizer_config.json", "w"))
+    (folder / "training_args.bin").write_bytes(pickle.dumps(Trap(sentinel)))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pairrm_dirs(tmp_path_factory):
+    from transformers import DebertaV2Config
+    root = tmp_path_factory.mktemp("pairrm")
+    tok = tiny_pairrm_tokenizer()
+    enc = tiny_deberta_config(tok.get_vocab_size())
+    torch.manual_seed(0)
+    cfg = DebertaV2Config(**{k: v for k, v in enc.items() if k != "model_type"})
+    state = {k: v.contiguous() for k, v in pairrm_lite.PairRM(cfg, tok).state_dict().items()}
+    json.dump(enc, open(root / "deberta_config.json", "w"))
+    sentinel = root / "UNPICKLED"
+    return dict(root=root, state=state, tok=tok, enc=enc, sentinel=sentinel, backbone=str(root / "deberta_config.json"),
+                hf=write_pairrm(root / "hf", "hf", state, tok, enc, sentinel),
+                original=write_pairrm(root / "original", "original", state, tok, enc, sentinel))
+
+
+@pytest.fixture(scope="module")
+def rm(pairrm_dirs):
+    return pairrm_lite.PairRM.from_pretrained(str(pairrm_dirs["hf"]))
+
+
+def words(*idx):
+    return " ".join(WORDS[i] for i in idx)
+
+
+PAIRS = [("w1 w2 w3", "w4 w5", "w6"), ("w7", "w8 w9 w10 w11 w12", "w13 w14"), ("w15 w16", "w17", "w18 w19 w20"),
+         ("w21 w22 w23 w24 w25 w26", "w27 w28 w29", "w30 w31 w32 w33")]
+
+
+def test_pairrm_both_layouts_load_strictly_and_agree(pairrm_dirs, rm):
+    orig = pairrm_lite.PairRM.from_pretrained(str(pairrm_dirs["original"]), backbone_config=pairrm_dirs["backbone"])
+    p, a, b = zip(*PAIRS)
+    assert torch.equal(rm.compare(p, a, b), orig.compare(p, a, b))
+    assert (rm.source_max_length, rm.candidate_max_length) == (1224, 412)
+    assert not pairrm_dirs["sentinel"].exists()  # training_args.bin was never unpickled
+    # the original layout without backbone_config builds deberta-v3-large: the tiny weights do not fit
+    with pytest.raises(ValueError, match=r"does not match PairRM: missing \['pretrained_model.encoder.layer"):
+        pairrm_lite.PairRM.from_pretrained(str(pairrm_dirs["original"]))
+
+
+def test_pairrm_refuses_wrong_or_missing_keys(pairrm_dirs, tmp_path):
+    state = dict(pairrm_dirs["state"])
+    state["head_layer.5.weight"] = state.pop("head_layer.4.weight")
+    d = write_pairrm(tmp_path / "wrong", "hf", state, pairrm_dirs["tok"], pairrm_dirs["enc"], pairrm_dirs["sentinel"])
+    with pytest.raises(ValueError, match=r"missing \['head_layer.4.weight'\], unexpected \['head_layer.5.weight'\]"):
+        pairrm_lite.PairRM.from_pretrained(str(d))
+    state = {("deberta." + k if k.startswith("pretrained_model.") else k): v for k, v in pairrm_dirs["state"].items()}
+    d = write_pairrm(tmp_path / "prefixed", "hf", state, pairrm_dirs["tok"], pairrm_dirs["enc"], pairrm_dirs["sentinel"])
+    with pytest.raises(ValueError, match="unexpected .*deberta.pretrained_model"):
+        pairrm_lite.PairRM.from_pretrained(str(d))
+
+
+def test_pairrm_refuses_a_config_that_is_neither_layout_or_disagrees_with_the_tokenizer(pairrm_dirs, tmp_path):
+    d = write_pairrm(tmp_path / "bert", "hf", pairrm_dirs["state"], pairrm_dirs["tok"], pairrm_dirs["enc"],
+                     pairrm_dirs["sentinel"])
+    json.dump({"model_type": "bert"}, open(d / "config.json", "w"))
+    with pytest.raises(ValueError, match="neither PairRM layout"):
+        pairrm_lite.PairRM.from_pretrained(str(d))
+    config = json.load(open(pairrm_dirs["hf"] / "config.json"))
+    json.dump(dict(config, cand1_prefix_id=3), open(d / "config.json", "w"))
+    with pytest.raises(ValueError, match="cand1_prefix_id=3"):
+        pairrm_lite.PairRM.from_pretrained(str(d))
+
+
+def test_pairrm_pickle_checkpoints(pairrm_dirs, rm, tmp_path):
+    # a plain tensor pickle loads through torch.load(weights_only=True) and gives the same model
+    d = write_pairrm(tmp_path / "bin", "hf", pairrm_dirs["state"], pairrm_dirs["tok"], pairrm_dirs["enc"],
+                     pairrm_dirs["sentinel"])
+    os.remove(d / "model.safetensors")
+    torch.save(pairrm_dirs["state"], d / "pytorch_model.bin")
+    p, a, b = zip(*PAIRS)
+    assert torch.equal(pairrm_lite.PairRM.from_pretrained(str(d)).compare(p, a, b), rm.compare(p, a, b))
+    # a pickle that runs code is refused, and the code does not run
+    trap = tmp_path / "RAN"
+    (d / "pytorch_model.bin").write_bytes(pickle.dumps(Trap(trap), protocol=2))
+    with pytest.raises(ValueError, match="refusing"):
+        pairrm_lite.PairRM.from_pretrained(str(d))
+    assert not trap.exists() and not pairrm_dirs["sentinel"].exists()
+
+
+def test_encode_pair_by_hand(rm):
+    CLS, SEP, SRC, C1, C2 = 1, 2, *(rm.ids[k] for k in ("source_prefix_id", "cand1_prefix_id", "cand2_prefix_id"))
+    w = lambda *idx: [5 + i for i in idx]  # word w{i} has id 5 + i
+    assert rm.encode_pair(words(1, 2), words(3), words(4, 5)) == \
+        [CLS, SRC, *w(1, 2), SEP, CLS, C1, *w(3), SEP, CLS, C2, *w(4, 5), SEP]
+    rm.source_max_length, rm.candidate_max_length = 6, 4
+    try:
+        # a long prompt keeps its first 3 words (6 = CLS SRC + 3 + SEP); candidates get 4 + (6 − 6) // 2 = 4
+        assert rm.encode_pair(words(*range(10)), words(20, 21, 22, 23), words(30)) == \
+            [CLS, SRC, *w(0, 1, 2), SEP, CLS, C1, *w(20), SEP, CLS, C2, *w(30), SEP]
+        # a short prompt (3 tokens) leaves 3 unused: candidates get 4 + 3 // 2 = 5 tokens (2 words), total 13 ≤ 6 + 2 · 4
+        ids = rm.encode_pair("", words(*range(40, 50)), words(*range(50, 60)))
+        assert ids == [CLS, SRC, SEP, CLS, C1, *w(40, 41), SEP, CLS, C2, *w(50, 51), SEP]
+        # the budget is per example: a batch-mate's length does not change it
+        assert rm.encode_pair(words(1), words(2), words(3)) == \
+            [CLS, SRC, *w(1), SEP, CLS, C1, *w(2), SEP, CLS, C2, *w(3), SEP]
+    finally:
+        rm.source_max_length, rm.candidate_max_length = 1224, 412
+
+
+def test_pairrm_forward_against_a_direct_computation(rm):
+    p, a, b = PAIRS[1]
+    ids = rm.encode_pair(p, a, b)
+    n_src, n_a = len(p.split()) + 3, len(a.split()) + 3  # [CLS] prefix words [SEP]
+    with torch.no_grad():
+        h = rm.pretrained_model(input_ids=torch.tensor([ids])).last_hidden_state[0]
+        lin1, lin2 = rm.head_layer[1], rm.head_layer[4]
+        head = lambda x: (lin2.weight @ torch.tanh(lin1.weight @ x + lin1.bias) + lin2.bias)[0]
+        expected = head(torch.cat([h[1], h[n_src + 1]])) - head(torch.cat([h[1], h[n_src + n_a + 1]]))
+    got = rm.compare([p], [a], [b], both_orders=False)[0]
+    assert math.isclose(got.item(), expected.item(), abs_tol=1e-5)
+    assert abs(expected.item()) > 1e-3  # the random model really prefers one of them
+
+
+def test_compare_both_orders_is_antisymmetric_and_batching_changes_nothing(rm):
+    p, a, b = zip(*PAIRS)
+    ab, ba = rm.compare(p, a, b), rm.compare(p, b, a)
+    assert torch.allclose(ab, -ba, atol=1e-6)
+    one_way = rm.compare(p, a, b, both_orders=False)
+    assert torch.allclose(ab, (one_way - rm.compare(p, b, a, both_orders=False)) / 2, atol=1e-6)
+    for bs in (1, 2, 3, 32):
+        assert torch.allclose(rm.compare(p, a, b, batch_size=bs), ab, atol=1e-5)
+    # the same pair among other batch-mates, with a much longer one forcing padding
+    long_pair = (words(*range(100)), words(*range(100, 160)), words(*range(160, 199)))
+    mixed = rm.compare([long_pair[0], p[0]], [long_pair[1], a[0]], [long_pair[2], b[0]], batch_size=32)
+    assert torch.allclose(mixed[1], ab[0], atol=1e-5)
+
+
+def test_logit_matrices_against_elementwise_compare(rm):
+    prompts = ["w1 w2", "w3"]
+    cands = [["w4", "w5 w6", "w7 w8 w9"], ["w10 w11", "w12", "w13"]]
+    M = rm.logit_matrices(prompts, cands)
+    assert M.shape == (2, 3, 3) and torch.equal(torch.diagonal(M, dim1=1, dim2=2), torch.zeros(2, 3))
+    for n in range(2):
+        for i in range(3):
+            for j in range(3):
+                if i != j:
+                    ref = rm.compare([prompts[n]], [cands[n][i]], [cands[n][j]], both_orders=False)[0]
+                    assert math.isclose(M[n, i, j].item(), ref.item(), abs_tol=1e-5)
+
+
+def test_pairrm_command_line(pairrm_dirs, rm):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "pairrm_lite.py"), str(pairrm_dirs["hf"]),
+                        "--prompt", "w1 w2", "--a", "w3", "--b", "w4 w5"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    expected = torch.sigmoid(rm.compare(["w1 w2"], ["w3"], ["w4 w5"])[0]).item()
+    assert f"P(A beats B) = {expected:.4f}" in r.stdout
+
+
+def test_sppo_runs_end_to_end_with_a_pairrm_judge(pairrm_dirs, tmp_path):
+    out = tmp_path / "run"
+    r = run_sppo("--judge", str(pairrm_dirs["hf"]), "--iterations", "1", "--num-prompts", "24", "--eval-prompts", "8",
+                 "--epochs", "1", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "iter1" / "samples.jsonl").read_text().splitlines()]
+    M = torch.tensor(rows[0]["logits"])
+    # the stored matrix is PairRM's: recompute it from the decoded responses and the rendered prompt
+    rm = pairrm_lite.PairRM.from_pretrained(str(pairrm_dirs["hf"]))
+    text, _ = sppo.render_prompt(sppo.tiny_tokenizer(), rows[0]["prompt"])
+    assert torch.allclose(rm.logit_matrices([text], [rows[0]["responses"]]), M[None], atol=1e-5)
+
+
+@bench
+def test_bench_pairrm_against_the_model_card_path(rm):
+    """logit_matrices (K=5, length-sorted batches, dynamic padding) against the model card's way:
+    every ordered pair padded to 2048 tokens, one pair at a time. Pairs per second."""
+    g = torch.Generator().manual_seed(0)
+    text = lambda n: words(*torch.randint(0, 200, (n,), generator=g).tolist())
+    prompts = [text(int(n)) for n in torch.randint(20, 80, (2,), generator=g)]
+    cands = [[text(int(n)) for n in torch.randint(150, 350, (5,), generator=g)] for _ in prompts]
+    index = [(n, i, j) for n in range(2) for i in range(5) for j in range(5) if i != j]
+
+    def model_card():
+        M = torch.zeros(2, 5, 5)
+        with torch.inference_mode():
+            for n, i, j in index:
+                ids = rm.encode_pair(prompts[n], cands[n][i], cands[n][j])
+                padded = torch.tensor([ids + [0] * (2048 - len(ids))])
+                M[n, i, j] = rm(padded, (padded != 0).long())[0]
+        return M
+
+    t_ours, t_theirs, M_ours, M_theirs = timed_pair(lambda: rm.logit_matrices(prompts, cands), model_card)
+    assert torch.allclose(M_ours, M_theirs, atol=1e-5)
+    lengths = [len(rm.encode_pair(prompts[n], cands[n][i], cands[n][j])) for n, i, j in index]
+    report_bench("pairrm", len(index) / t_ours, len(index) / t_theirs, "pairs/s",
+                 mean_pair_tokens=sum(lengths) / len(lengths))
+    assert t_theirs / t_ours >= 10
