@@ -99,7 +99,7 @@ class PairRM(nn.Module):
                              f"unexpected {sorted(got - expected)[:5]}")
         model.load_state_dict(state, strict=True)
         if device is not None and torch.device(device).type == "cuda":
-            model.max_batch_tokens = 65536
+            model.max_batch_tokens = 16384  # bounds the [B, 16, T, T] tensors to ~1 GiB each
         return model.to(device=device, dtype=dtype)
 
     # ------------------------------------------------------------------------------------ inputs

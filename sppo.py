@@ -19,9 +19,10 @@ RMSprop lr 5e-7, winner/loser pairs chosen from aggregated PairRM scores. `--pai
 `--pair-prob paper` switch to the paper's own Algorithm 1 (all K responses, PairRM's own
 pairwise probability). Deviation: we train on the sampled token ids, not on re-tokenised text.
 
-    python sppo.py                                   # tiny model, toy judge, CPU, ~20 s
-    python sppo.py --model openai-community/gpt2 --prompts prompts.jsonl --judge toy
-    python sppo.py --model mistralai/Mistral-7B-Instruct-v0.2 --judge llm-blender/PairRM
+    python sppo.py                                          # tiny model, toy judge, CPU, ~30 s
+    python sppo.py --model gpt2                             # classroom preset, one consumer GPU
+    torchrun --nproc_per_node 8 sppo.py --model mistral-7b  # the paper's recipe, FSDP2 on 8 GPUs
+    python sppo.py --model mistral-7b --dry-run             # print the recipe and the memory plan
 
 Left out on purpose: vLLM, DeepSpeed, accelerate, Trainer subclasses, a loss zoo.
 """
@@ -34,11 +35,12 @@ import os
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Literal, Optional, get_args, get_type_hints
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -86,6 +88,7 @@ class Config:
     sample_batch_size: int = arg(16, "prompts per sampling call (each gives K rows)")
     seed: int = arg(42, "seed for the tiny model, sampling and shuffling (authors: 42)")
     trust_remote_code: bool = arg(False, "allow model code from the hub (only if you trust it)")
+    dry_run: bool = arg(False, "print the resolved recipe and the memory plan, then exit (downloads nothing)")
 
 
 PRESETS = {  # overrides of the authors' defaults; an explicit flag overrides a preset
@@ -93,7 +96,101 @@ PRESETS = {  # overrides of the authors' defaults; an explicit flag overrides a 
     "tiny": dict(prompts="builtin", judge="toy", k=8, max_new_tokens=24, temperature=1.0, top_p=1.0,
                  eta=100.0, optimizer="adamw", lr=3e-3, epochs=3, batch_size=8, pairs="all",
                  grad_checkpointing=False, sample_batch_size=32, max_length=96, max_prompt_length=64),
+    # The paper's two main runs: the authors' recipe as it stands, planned for 8 × 80 GB.
+    "mistral-7b": dict(model="mistralai/Mistral-7B-Instruct-v0.2"),
+    "llama-3-8b": dict(model="meta-llama/Meta-Llama-3-8B-Instruct"),
+    # A class on one consumer GPU: 2,000 prompts a round, K=4, 128 new tokens (GPT-2's context is
+    # 1024), lengths halved. lr is a starting point (10× the authors' for ~1/5 of the steps), not tuned.
+    "gpt2": dict(model="openai-community/gpt2", num_prompts=2000, eval_prompts=64, k=4, max_new_tokens=128,
+                 max_length=512, max_prompt_length=256, lr=5e-6, batch_size=32, grad_accum=4,
+                 grad_checkpointing=False, sample_batch_size=32),
 }
+
+# ----------------------------------------------------------------------------------------
+# Distributed setup. torchrun sets RANK and WORLD_SIZE; plain `python sppo.py` is one process and
+# never touches torch.distributed. Ranks split the no-grad work (sampling, judging, reference
+# log-probs) by chunks of the global prompt list and gather the results, so every rank trains on
+# the same global batches, and nothing depends on the number of processes.
+
+
+@dataclass
+class Env:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    distributed: bool = False
+
+    def amp(self):
+        """bf16 compute on CUDA (the authors' precision), fp32 on the CPU."""
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+
+
+def setup() -> Env:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if "RANK" not in os.environ:
+        return Env(device=device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Env(dist.get_rank(), dist.get_world_size(), device, distributed=True)
+
+
+def shard(model, env: Env):
+    """FSDP2: each decoder layer (the classes in _no_split_modules), then the root, which holds the
+    embeddings and the head, tied or not. fp32 master weights; on CUDA bf16 compute, fp32 reductions."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(env.device.type, (env.world,))  # the default mesh would pick CUDA on a CPU run
+    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if env.device.type == "cuda" else MixedPrecisionPolicy()
+    layers = set(model._no_split_modules or ())
+    for m in model.modules():
+        if type(m).__name__ in layers:
+            fully_shard(m, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+
+
+@contextmanager
+def full_weights(model):
+    """Gather the full parameters once for no-grad work, then reshard. Measured 2-4× faster than an
+    all-gather per layer and per decoded token, and free of collectives, so ranks may decode
+    different lengths (FACTS.md §5). A no-op without FSDP."""
+    from torch.distributed.fsdp import FSDPModule
+    fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if fsdp:
+        model.set_reshard_after_forward(False)
+        for m in fsdp:  # unshard() is not recursive
+            m.unshard()
+    try:
+        yield
+    finally:
+        for m in fsdp:
+            m.reshard()
+        if fsdp:
+            model.set_reshard_after_forward(True)
+
+
+def map_chunks(fn, items: list, size: int, env: Env, desc: str) -> list:
+    """fn(start, chunk) over consecutive chunks of items; chunk c runs on rank c % world and every
+    rank gets all results, in order. The chunks do not depend on the number of ranks."""
+    starts = range(0, len(items), size)
+    mine = {s: fn(s, items[s: s + size]) for s in tqdm(starts[env.rank:: env.world], desc=desc, leave=False,
+                                                       disable=env.rank != 0)}
+    if env.world > 1:
+        parts = [None] * env.world
+        dist.all_gather_object(parts, mine)
+        mine = {s: r for part in parts for s, r in part.items()}
+    return [r for s in starts for r in mine[s]]
+
+
+def all_sum(values: list[float], env: Env) -> list[float]:
+    """Sum over ranks (gloo has no AVG)."""
+    if env.world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=env.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
 
 # ----------------------------------------------------------------------------------------
 # Models: the policy (a transformers causal LM) and prompts rendered with its chat template.
@@ -272,7 +369,7 @@ def sequence_logps(model, input_ids, attention_mask, response_mask):
     """log π(y|x) = Σ over response tokens of log π(y_n | x, y_<n), in fp32. Only tokens where
     response_mask is 1 count: the prompt is given, not chosen, and padding is not text."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
-    logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
     logits = logits[:, :-1].float()                                      # predicts token n+1: [B, T-1, V]
     target = input_ids[:, 1:, None]                                      # [B, T-1, 1]
     logps = logits.gather(-1, target).squeeze(-1) - logits.logsumexp(-1)  # [B, T-1]
@@ -307,25 +404,24 @@ def collate(items, pad_id: int, device):
     return ids.to(device), mask.to(device), resp.to(device)
 
 
-def train_iteration(model, groups, cfg: Config, t: int, pad_id: int, device, amp, log):
+def train_iteration(model, groups, cfg: Config, t: int, pad_id: int, env: Env, log):
     """One pass of Algorithm 1's minimisation. groups: one list of items per prompt, each item a
     dict(prompt, response, win_rate, role); a step takes batch_size prompts, all their items."""
-    items = [it for g in groups for it in g]
-    micro = max(1, cfg.batch_size // cfg.grad_accum)
-    # π_t's log-probs, once, before any update: π_t is these very weights, so no second model.
-    model.eval()
-    with torch.no_grad(), amp:
-        for i in range(0, len(items), micro * 2):
-            chunk = items[i: i + micro * 2]
-            logps = sequence_logps(model, *collate(chunk, pad_id, device))
-            for it, lp in zip(chunk, logps.tolist()):
-                it["ref_logp"] = lp
-    model.train()  # dropout is off; train mode only enables gradient checkpointing
+    # Built before any forward: after one, FSDP leaves the root unsharded until the next backward,
+    # and an optimiser built then would update throw-away tensors (FACTS.md §5).
     opt_cls = torch.optim.RMSprop if cfg.optimizer == "rmsprop" else torch.optim.AdamW
     opt = opt_cls(model.parameters(), lr=cfg.lr)
-    steps_per_epoch = math.ceil(len(groups) / cfg.batch_size)
-    total, step, tokens, t0 = cfg.epochs * steps_per_epoch, 0, 0, time.time()
-    bar = tqdm(total=total, desc=f"iter {t} train", leave=False)
+    # π_t's log-probs, once, before any update: π_t is these very weights, so no second model.
+    items = [it for g in groups for it in g]
+    with torch.no_grad(), full_weights(model), env.amp():
+        ref = map_chunks(lambda s, chunk: sequence_logps(model, *collate(chunk, pad_id, env.device)).tolist(),
+                         items, cfg.sample_batch_size, env, f"iter {t} reference")
+    for it, lp in zip(items, ref):
+        it["ref_logp"] = lp
+    model.train()  # dropout is off; train mode only enables gradient checkpointing
+    total = cfg.epochs * math.ceil(len(groups) / cfg.batch_size)
+    step, tokens, t0 = 0, 0, time.time()
+    bar = tqdm(total=total, desc=f"iter {t} train", leave=False, disable=env.rank != 0)
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed_for(cfg.seed, t, epoch)))
         for b in range(0, len(groups), cfg.batch_size):
@@ -334,30 +430,38 @@ def train_iteration(model, groups, cfg: Config, t: int, pad_id: int, device, amp
             lr = cfg.lr * lr_at(step, total, cfg.warmup_ratio, cfg.lr_schedule)
             for g in opt.param_groups:
                 g["lr"] = lr
-            loss_sum, stats = 0.0, {"winner": [], "loser": []}
-            for m in range(0, len(batch), micro):
-                chunk = [it for g in batch[m: m + micro] for it in g]
-                ids, mask, resp = collate(chunk, pad_id, device)
-                with amp:
-                    logps = sequence_logps(model, ids, mask, resp)                  # [n]
-                ref = torch.tensor([it["ref_logp"] for it in chunk], device=device)
-                wr = torch.tensor([it["win_rate"] for it in chunk], device=device)
-                loss = sppo_loss(logps, ref, wr, cfg.eta).sum() / n_items           # mean over the step
+            sums = [0.0] * 8  # loss; winner Σ log-ratio, Σ P̂, count; the same for losers; tokens
+            for m in range(cfg.grad_accum):
+                mine = batch[m:: cfg.grad_accum][env.rank:: env.world]
+                # Every rank runs every micro-step (FSDP's collectives must match); a rank with no
+                # prompts left in a short last batch runs one with weight 0.
+                weight = 1.0 if mine else 0.0
+                chunk = [it for g in (mine or batch[:1]) for it in g]
+                ids, mask, resp = collate(chunk, pad_id, env.device)
+                with env.amp():
+                    logps = sequence_logps(model, ids, mask, resp)                   # [n]
+                ref = torch.tensor([it["ref_logp"] for it in chunk], device=env.device)
+                wr = torch.tensor([it["win_rate"] for it in chunk], device=env.device)
+                # the step's mean over all ranks' responses; × world because FSDP averages gradients
+                loss = sppo_loss(logps, ref, wr, cfg.eta).sum() * (weight * env.world / n_items)
                 loss.backward()
-                loss_sum += loss.item()
-                tokens += int(mask.sum())
+                sums[0] += loss.item() / env.world
+                sums[7] += weight * int(mask.sum())
                 for it, r in zip(chunk, (logps - ref).tolist()):
-                    if it["role"] in stats:
-                        stats[it["role"]].append((r, it["win_rate"]))
+                    k = {"winner": 1, "loser": 4}.get(it["role"])
+                    if k and weight:
+                        sums[k], sums[k + 1], sums[k + 2] = sums[k] + r, sums[k + 1] + it["win_rate"], sums[k + 2] + 1
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))  # measured, not clipped
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            mean = lambda xs, k: sum(x[k] for x in xs) / max(len(xs), 1)
-            log(iteration=t, step=step, loss=loss_sum, lr=lr, grad_norm=float(grad_norm),
-                winner_logratio=mean(stats["winner"], 0), loser_logratio=mean(stats["loser"], 0),
-                winner_winrate=mean(stats["winner"], 1), loser_winrate=mean(stats["loser"], 1))
-            bar.set_postfix(loss=f"{loss_sum:.3g}")
+            loss, w_lr, w_wr, w_n, l_lr, l_wr, l_n, n_tok = all_sum(sums, env)
+            tokens += n_tok
+            log(iteration=t, step=step, loss=loss, lr=lr, grad_norm=float(grad_norm),
+                winner_logratio=w_lr / max(w_n, 1), loser_logratio=l_lr / max(l_n, 1),
+                winner_winrate=w_wr / max(w_n, 1), loser_winrate=l_wr / max(l_n, 1))
+            bar.set_postfix(loss=f"{loss:.3g}")
             bar.update()
     bar.close()
     model.eval()
@@ -368,23 +472,32 @@ def train_iteration(model, groups, cfg: Config, t: int, pad_id: int, device, amp
 # The loop over iterations: sample, judge, estimate, train, evaluate, save.
 
 
-def sample_responses(model, tokenizer, prompt_ids, k: int, cfg: Config, tag: int, device, amp, desc: str):
+def sample_responses(model, tokenizer, prompt_ids, cfg: Config, tag: int, env: Env, desc: str):
     """K responses per prompt (token ids, EOS kept). Row (prompt i, sample j) draws from its own
     stream seeded by (seed, tag, i, j); tag is the iteration, or -1 for the held-out set so that
     every policy is evaluated on the same random numbers."""
     eos_ids = eos_token_ids(model, tokenizer)
-    responses = []
-    for s in tqdm(range(0, len(prompt_ids), cfg.sample_batch_size), desc=desc, leave=False):
-        rows = [(i, j) for i in range(s, min(s + cfg.sample_batch_size, len(prompt_ids))) for j in range(k)]
+
+    def chunk(start, prompts):
+        rows = [(start + i, j) for i in range(len(prompts)) for j in range(cfg.k)]
         ids, mask = pad([prompt_ids[i] for i, _ in rows], tokenizer.pad_token_id, left=True)
-        gens = [torch.Generator(device).manual_seed(seed_for(cfg.seed, tag, i, j)) for i, j in rows]
-        with amp:
-            out = sample(model, ids.to(device), mask.to(device), max_new_tokens=cfg.max_new_tokens,
+        gens = [torch.Generator(env.device).manual_seed(seed_for(cfg.seed, tag, i, j)) for i, j in rows]
+        with env.amp():
+            out = sample(model, ids.to(env.device), mask.to(env.device), max_new_tokens=cfg.max_new_tokens,
                          temperature=cfg.temperature, top_p=cfg.top_p, eos_token_id=eos_ids,
                          pad_token_id=tokenizer.pad_token_id, generator=gens)
-        rows_out = [strip_response(r, eos_ids) for r in out.tolist()]
-        responses += [rows_out[i: i + k] for i in range(0, len(rows_out), k)]
-    return responses
+        out = [strip_response(r, eos_ids) for r in out.tolist()]
+        return [out[i: i + cfg.k] for i in range(0, len(out), cfg.k)]
+
+    with full_weights(model):
+        return map_chunks(chunk, list(prompt_ids), cfg.sample_batch_size, env, desc)
+
+
+def judge_all(judge, prompts: list[str], candidates: list[list[str]], env: Env, desc: str):
+    """The judge's logit matrices M[n, i, j] for every prompt, split across ranks: [N, K, K]."""
+    rows = map_chunks(lambda s, chunk: list(judge.logit_matrices(prompts[s: s + len(chunk)], chunk)),
+                      candidates, 16, env, desc)
+    return torch.stack(rows)
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
@@ -392,23 +505,24 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return eos if isinstance(eos, list) else [eos]
 
 
-def win_rate(judge, prompts: list[str], a: list[list[str]], b: list[list[str]]) -> float:
+def win_rate(judge, prompts: list[str], a: list[list[str]], b: list[list[str]], env: Env) -> float:
     """Mean P(a ≻ b) over matched pairs, with the judge's own probability (σ(½(M_ab − M_ba)))."""
     src = [p for p, row in zip(prompts, a) for _ in row]
     pairs = [[x, y] for ra, rb in zip(a, b) for x, y in zip(ra, rb)]
-    return pairwise_probs(judge.logit_matrices(src, pairs), "paper")[:, 0, 1].mean().item()
+    return pairwise_probs(judge_all(judge, src, pairs, env, "eval judge"), "paper")[:, 0, 1].mean().item()
 
 
 def run(cfg: Config):
+    env = setup()
+    say = print if env.rank == 0 else (lambda *a, **k: None)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
     logging.disable_progress_bar()  # keep our own bars only
     torch.manual_seed(cfg.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     out = cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-    os.makedirs(out, exist_ok=True)
-    write_json(os.path.join(out, "config.json"), dataclasses.asdict(cfg))
+    if env.rank == 0:
+        os.makedirs(out, exist_ok=True)
+        write_json(os.path.join(out, "config.json"), dataclasses.asdict(cfg))
 
     if cfg.model == "tiny":
         model, tokenizer = tiny_model(cfg.seed)
@@ -419,31 +533,36 @@ def run(cfg: Config):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     disable_dropout(model)
-    model.to(device).eval()
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    judge = load_judge(cfg.judge, device)
+    shard(model, env) if env.distributed else model.to(env.device)
+    model.eval()
+    judge = load_judge(cfg.judge, env.device)
 
+    # Prompts longer than the context minus the sampling budget keep their last tokens.
+    context = getattr(model.config, "max_position_embeddings", None) or 10**9
+    render = lambda ps: zip(*[(text, ids[-(context - cfg.max_new_tokens):]) for text, ids in
+                              (render_prompt(tokenizer, p) for p in ps)])
     first = load_prompts(cfg, 1)
     held_out = first[len(first) - cfg.eval_prompts:] if cfg.eval_prompts else []
     held_out_set = set(held_out)
-    eval_text, eval_ids = zip(*[render_prompt(tokenizer, p) for p in held_out]) if held_out else ((), ())
+    eval_text, eval_ids = render(held_out) if held_out else ((), ())
     decode = lambda rs: [[tokenizer.decode(r, skip_special_tokens=True) for r in row] for row in rs]
-    base = prev = decode(sample_responses(model, tokenizer, eval_ids, cfg.k, cfg, -1, device, amp, "eval iter 0"))
-    metrics = open(os.path.join(out, "metrics.jsonl"), "a")
-    log = lambda **m: metrics.write(json.dumps(m) + "\n") or metrics.flush()
+    base = prev = decode(sample_responses(model, tokenizer, eval_ids, cfg, -1, env, "eval iter 0"))
+    metrics = open(os.path.join(out, "metrics.jsonl"), "a") if env.rank == 0 else None
+    log = lambda **m: metrics and (metrics.write(json.dumps(m) + "\n") or metrics.flush())
 
     for t in range(1, cfg.iterations + 1):
         t_start = time.time()
         prompts = [p for p in (first if t == 1 else load_prompts(cfg, t)) if p not in held_out_set]
-        texts, ids = zip(*[render_prompt(tokenizer, p) for p in prompts])
+        texts, ids = render(prompts)
         # step 1: sample K responses per prompt from π_t
         t0 = time.time()
-        responses = sample_responses(model, tokenizer, ids, cfg.k, cfg, t, device, amp, f"iter {t} sample")
+        responses = sample_responses(model, tokenizer, ids, cfg, t, env, f"iter {t} sample")
         sample_tps = sum(len(r) for row in responses for r in row) / (time.time() - t0)
         # step 2: judge every ordered pair
         t0 = time.time()
-        M = judge.logit_matrices(list(texts), decode(responses))          # [N, K, K]
+        M = judge_all(judge, list(texts), decode(responses), env, f"iter {t} judge")    # [N, K, K]
         judge_pps = M.shape[0] * cfg.k * (cfg.k - 1) / max(time.time() - t0, 1e-9)
         # step 3: win rates against π_t
         wr = win_rates(pairwise_probs(M, cfg.pair_prob))                  # [N, K]
@@ -461,34 +580,52 @@ def run(cfg: Config):
             groups.append([dict(prompt=p_cut, response=r, win_rate=wr[i, j].item(), role=roles.get(j, "other"))
                            for j, r in zip(chosen, r_cut)])
         # step 4: minimise the SPPO loss; the model becomes π_{t+1}
-        train_tps = train_iteration(model, groups, cfg, t, tokenizer.pad_token_id, device, amp, log)
+        if isinstance(judge, torch.nn.Module):
+            judge.to("cpu")  # its GPU memory goes to training
+        train_tps = train_iteration(model, groups, cfg, t, tokenizer.pad_token_id, env, log)
+        if isinstance(judge, torch.nn.Module):
+            judge.to(env.device)
         # evaluate on held-out prompts against the start and against the previous policy
-        new = decode(sample_responses(model, tokenizer, eval_ids, cfg.k, cfg, -1, device, amp, f"eval iter {t}"))
-        vs_base, vs_prev = (win_rate(judge, eval_text, new, base), win_rate(judge, eval_text, new, prev)) \
+        new = decode(sample_responses(model, tokenizer, eval_ids, cfg, -1, env, f"eval iter {t}"))
+        vs_base, vs_prev = (win_rate(judge, eval_text, new, base, env), win_rate(judge, eval_text, new, prev, env)) \
             if held_out else (None, None)
         prev = new
-        save(model, tokenizer, os.path.join(out, f"iter{t}"), rows)
+        save(model, tokenizer, os.path.join(out, f"iter{t}"), rows, env)
         m = dict(iteration=t, win_rate_vs_base=vs_base, win_rate_vs_prev=vs_prev, sample_tokens_per_s=sample_tps,
                  judge_pairs_per_s=judge_pps, train_tokens_per_s=train_tps, seconds=time.time() - t_start,
                  skipped_prompts=len(prompts) - len(groups))
         log(**m)
         wr_text = f"win rate vs base {vs_base:.3f}, vs previous {vs_prev:.3f}" if held_out else "no eval"
-        print(f"iter {t}: {wr_text}, {len(groups)} prompts trained, {m['seconds']:.1f}s", flush=True)
-    metrics.close()
+        say(f"iter {t}: {wr_text}, {len(groups)} prompts trained, {m['seconds']:.1f}s", flush=True)
+    if metrics:
+        metrics.close()
+    if env.distributed:
+        dist.barrier()  # without it some ranks aborted at exit (FACTS.md §5)
+        dist.destroy_process_group()
     return out
 
 
-def save(model, tokenizer, path: str, rows):
+def save(model, tokenizer, path: str, rows, env: Env):
     """π_{t+1} in Hugging Face format (safetensors) with its tokenizer and the iteration's samples,
-    written to a temporary folder first so a crash never leaves a half-written checkpoint."""
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    with open(os.path.join(tmp, "samples.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    written to a temporary folder first so a crash never leaves a half-written checkpoint. Under
+    FSDP every rank takes part in assembling the full state dict; rank 0 writes it."""
+    state = None
+    if env.distributed:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        for key in getattr(model, "all_tied_weights_keys", {}):  # e.g. GPT-2's lm_head = wte: store it once
+            state.pop(key, None)
+    if env.rank == 0:
+        tmp = path + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=state)
+        tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "samples.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    if env.distributed:
+        dist.barrier()  # nobody reads or moves on before the checkpoint exists
 
 
 # ----------------------------------------------------------------------------------------
@@ -556,6 +693,60 @@ def load_prompts(cfg: Config, t: int) -> list[str]:
     return prompts
 
 
+# Architecture facts of the presets, so that --dry-run needs no download.
+ARCH = {"mistralai/Mistral-7B-Instruct-v0.2": dict(params=7.24e9, layers=32, hidden=4096, kv_dim=1024, vocab=32000),
+        "meta-llama/Meta-Llama-3-8B-Instruct": dict(params=8.03e9, layers=32, hidden=4096, kv_dim=1024, vocab=128256),
+        "openai-community/gpt2": dict(params=124e6, layers=12, hidden=768, kv_dim=768, vocab=50257)}
+PAIRRM_PARAMS = 436e6
+
+
+def memory_plan(cfg: Config, a: dict, gpus: int) -> dict:
+    """GiB per GPU in each phase, from first principles (bf16 = 2 bytes, fp32 = 4)."""
+    G, P = 2**30, a["params"]
+    shards = 4 * P / gpus                                          # fp32 master weights, sharded
+    rows = cfg.sample_batch_size * cfg.k                           # sequences decoded at once per GPU
+    kv = 2 * a["layers"] * a["kv_dim"] * 2 * rows * (cfg.max_prompt_length + cfg.max_new_tokens)
+    per_prompt = 2 if cfg.pairs == "winner-loser" else cfg.k
+    tokens = max(1, cfg.batch_size // (cfg.grad_accum * gpus)) * per_prompt * cfg.max_length  # micro-batch
+    saved = a["layers"] if cfg.grad_checkpointing else 34 * a["layers"]   # ~34·h bytes/token/layer w/o (Korthikanti)
+    act = tokens * a["hidden"] * 2 * (saved + 34) + tokens * a["vocab"] * 10  # + one layer's recompute, logits
+    opt = (4 if cfg.optimizer == "rmsprop" else 8) * P / gpus
+    return dict(sampling=(shards + 2 * P + kv) / G,                # + the gathered bf16 copy + KV cache
+                judging=(shards + 2 * PAIRRM_PARAMS) / G + 8,      # + PairRM in bf16 + ~8 GiB of its activations
+                training=(shards + 4 * P / gpus + opt + 2 * 2 * P / a["layers"] + act) / G)  # + grads, state, 2 layers
+
+
+def dry_run(cfg: Config):
+    print("resolved recipe (the authors' value where it differs):")
+    for f in dataclasses.fields(Config):
+        value, own = getattr(cfg, f.name), f.name in ("model", "out", "dry_run")
+        print(f"  --{f.name.replace('_', '-'):22} {value!s:50}" + ("" if own or value == f.default else f" (authors: {f.default})"))
+    a = ARCH.get(cfg.model)
+    if a is None and os.path.isfile(os.path.join(cfg.model, "config.json")):
+        from transformers import AutoConfig, AutoModelForCausalLM
+        c = AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        with torch.device("meta"):
+            n = sum(p.numel() for p in AutoModelForCausalLM.from_config(c).parameters())
+        heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        a = dict(params=n, layers=c.num_hidden_layers, hidden=c.hidden_size, vocab=c.vocab_size,
+                 kv_dim=heads * getattr(c, "head_dim", c.hidden_size // c.num_attention_heads))
+    if a is None:
+        print(f"memory plan: unknown for {cfg.model} without its config.json (pass a local folder)")
+        return
+    print(f"memory plan for {a['params'] / 1e9:.2f}B parameters, GiB per GPU "
+          f"(fp32 master weights, {cfg.optimizer} state and gradients sharded by FSDP; bf16 compute):")
+    print("  GPUs  prompts/GPU/micro-step  sampling  judging  training  fits 80 GB")
+    for gpus in (8, 4, 2, 1):
+        m = memory_plan(cfg, a, gpus)
+        micro = max(1, cfg.batch_size // (cfg.grad_accum * gpus))
+        print(f"  {gpus:4}  {micro:22}  {m['sampling']:8.1f}  {m['judging']:7.1f}  {m['training']:8.1f}  "
+              f"{'yes' if max(m.values()) < 80 else 'no'}")
+    print("  fewer GPUs: raise --grad-accum to keep prompts/GPU/micro-step; lower --sample-batch-size for the "
+          "KV cache.\n  The fp32 weights, gradients and optimiser state need 12 bytes per parameter in all: "
+          f"{12 * a['params'] / 2**30:.0f} GiB, to be divided among the GPUs.\n"
+          f"  host RAM: each process loads the fp32 checkpoint ({4 * a['params'] / 2**30:.1f} GiB) before sharding")
+
+
 def write_json(path: str, obj):
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=2)
@@ -583,8 +774,8 @@ def parse_config(argv=None) -> Config:
             base = next((a for a in get_args(kind) if a is not type(None)), kind)  # Optional[int] -> int
             p.add_argument(flag, type=base, **kw)
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
-    preset = PRESETS.get(given.get("model", Config.model), {})
-    cfg = Config(**{**preset, **given})
+    name = given.pop("model", Config.model)  # a preset name fills in the model id and its recipe
+    cfg = Config(**{"model": name, **PRESETS.get(name, {}), **given})
     if cfg.k < 2:
         fail(f"--k {cfg.k}: SPPO compares responses, so K must be at least 2")
     if cfg.eta <= 0:
@@ -595,4 +786,5 @@ def parse_config(argv=None) -> Config:
 
 
 if __name__ == "__main__":
-    run(parse_config())
+    config = parse_config()
+    dry_run(config) if config.dry_run else run(config)
