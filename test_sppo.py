@@ -169,27 +169,29 @@ def test_greedy_sample_matches_generate(arch, tmp_path):
     assert torch.equal(ours, theirs)
 
 
-def test_top_p_filter_keeps_exactly_the_nucleus():
-    probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])
-    keep = lambda p: (sppo.top_p_filter(probs, p) > 0)[0].tolist()
-    assert keep(0.4) == [False, True, False, False]  # the most likely token is always kept
-    assert keep(0.7) == [False, True, False, True]  # 0.5 < 0.7, 0.8 ≥ 0.7
-    assert keep(0.85) == [True, True, False, True]
+def test_nucleus_keeps_exactly_the_top_p_mass():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])  # sorted, descending
+    keep = lambda p: sppo.nucleus(probs, p)[0].tolist()
+    assert keep(0.4) == [True, False, False, False]  # the most likely token is always kept
+    assert keep(0.7) == [True, True, False, False]  # 0.5 < 0.7, 0.8 ≥ 0.7
+    assert keep(0.85) == [True, True, True, False]
     assert keep(1.0) == [True, True, True, True]
-    assert torch.allclose(sppo.top_p_filter(probs, 0.7), torch.tensor([[0, 0.5 / 0.8, 0, 0.3 / 0.8]]))
 
 
 def test_next_token_samples_only_from_the_nucleus_in_proportion():
-    logits = torch.log(torch.tensor([0.15, 0.5, 0.05, 0.3])).repeat(20000, 1)
-    tokens = sppo.next_token(logits, 1.0, 0.7, torch.Generator().manual_seed(0))
-    counts = torch.bincount(tokens, minlength=4).float() / len(tokens)
+    p = torch.tensor([0.15, 0.5, 0.05, 0.3])  # unsorted on purpose
+    logits = torch.log(p).repeat(20000, 1)
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(sppo.next_token(logits, 1.0, 0.7, u), minlength=4).float() / 20000
     assert counts[0] == 0 and counts[2] == 0
     assert abs(counts[1] - 0.625) < 0.02 and abs(counts[3] - 0.375) < 0.02
-    # temperature scales the logits before the softmax: T=0.5 squares and renormalises the probabilities
-    tokens = sppo.next_token(logits, 0.5, 1.0, torch.Generator().manual_seed(1))
-    counts = torch.bincount(tokens, minlength=4).float() / len(tokens)
-    target = torch.tensor([0.15, 0.5, 0.05, 0.3]) ** 2
-    assert torch.allclose(counts, target / target.sum(), atol=0.02)
+    # without top-p: every token, in proportion; temperature 0.5 squares and renormalises
+    counts = torch.bincount(sppo.next_token(logits, 0.5, 1.0, u), minlength=4).float() / 20000
+    assert torch.allclose(counts, p**2 / (p**2).sum(), atol=0.02)
+    # inverse CDF by hand: u just below / above the cumulative mass 0.5 (sorted order: 1, 3, 0, 2)
+    two = torch.log(p).repeat(2, 1)
+    assert sppo.next_token(two, 1.0, 1.0, torch.tensor([0.149, 0.151])).tolist() == [0, 1]  # vocabulary order
+    assert sppo.next_token(two, 1.0, 0.7, torch.tensor([0.62, 0.63])).tolist() == [1, 3]  # 0.5 / 0.8 = 0.625
 
 
 def test_sampling_is_reproducible_and_ignores_batch_mates(tmp_path):
