@@ -88,6 +88,13 @@ class Config:
     sample_batch_size: int = arg(16, "prompts per sampling call (each gives K rows)")
     seed: int = arg(42, "seed for the tiny model, sampling and shuffling (authors: 42)")
     trust_remote_code: bool = arg(False, "allow model code from the hub (only if you trust it)")
+    # CUDA fast paths, each on by default and ignored without CUDA (no Triton, no torch.compile)
+    bf16: bool = arg(True, "CUDA: bf16 compute over fp32 master weights (authors' precision), PairRM in bf16")
+    tf32: bool = arg(True, "CUDA: TF32 tensor cores for the remaining fp32 matmuls")
+    sdpa: bool = arg(True, "CUDA: PyTorch's scaled_dot_product_attention (flash / memory-efficient kernels)")
+    fused_optim: bool = arg(True, "CUDA: fused optimiser kernels (one launch for all parameters)")
+    cuda_graph: bool = arg(True, "CUDA: static KV cache, each decode step replayed from a captured CUDA graph")
+    pin_memory: bool = arg(True, "CUDA: page-locked host buffers, asynchronous copies to the GPU")
     dry_run: bool = arg(False, "print the resolved recipe and the memory plan, then exit (downloads nothing)")
 
 
@@ -119,21 +126,31 @@ class Env:
     world: int = 1
     device: torch.device = torch.device("cpu")
     distributed: bool = False
+    bf16: bool = False        # the CUDA fast paths in force (all False on the CPU)
+    cuda_graph: bool = False
+    pin: bool = False
 
     def amp(self):
         """bf16 compute on CUDA (the authors' precision), fp32 on the CPU."""
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else nullcontext()
+
+    def to(self, t):
+        return t.pin_memory().to(self.device, non_blocking=True) if self.pin else t.to(self.device)
 
 
-def setup() -> Env:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if "RANK" not in os.environ:
-        return Env(device=device)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Env(dist.get_rank(), dist.get_world_size(), device, distributed=True)
+def setup(cfg: Config) -> Env:
+    cuda = torch.cuda.is_available()
+    env = Env(device=torch.device("cuda" if cuda else "cpu"), bf16=cuda and cfg.bf16,
+              cuda_graph=cuda and cfg.cuda_graph, pin=cuda and cfg.pin_memory)
+    if cuda and cfg.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if "RANK" in os.environ:
+        if cuda:
+            env.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(env.device)
+        dist.init_process_group("nccl" if cuda else "gloo")
+        env.rank, env.world, env.distributed = dist.get_rank(), dist.get_world_size(), True
+    return env
 
 
 def shard(model, env: Env):
@@ -142,7 +159,7 @@ def shard(model, env: Env):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(env.device.type, (env.world,))  # the default mesh would pick CUDA on a CPU run
-    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if env.device.type == "cuda" else MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if env.bf16 else MixedPrecisionPolicy()
     layers = set(model._no_split_modules or ())
     for m in model.modules():
         if type(m).__name__ in layers:
@@ -272,12 +289,12 @@ def next_token(logits, temperature: float, top_p: float, u):
 
 @torch.no_grad()
 def sample(model, input_ids, attention_mask, *, max_new_tokens: int, temperature: float, top_p: float,
-           eos_token_id, pad_token_id: int, generator=None):
+           eos_token_id, pad_token_id: int, generator=None, static: bool = False, cuda_graph: bool = False):
     """Decode with a KV cache: prefill the left-padded prompts, then one token per step.
     Returns LongTensor[B, max_new_tokens]; positions after a row's first EOS hold pad_token_id.
     generator: one torch.Generator for the batch, or a list of B, one per row, so that a row's
-    sample does not depend on its batch-mates."""
-    from transformers import DynamicCache
+    sample does not depend on its batch-mates. static: a fixed-size KV cache (same tokens),
+    whose decode step cuda_graph captures once and replays (CUDA only)."""
     B, device = input_ids.shape[0], input_ids.device
     if isinstance(generator, (list, tuple)):                            # the uniforms of every step, up front
         u = torch.stack([torch.rand(max_new_tokens, generator=g, device=device) for g in generator])
@@ -287,9 +304,8 @@ def sample(model, input_ids, attention_mask, *, max_new_tokens: int, temperature
     out = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)         # left pads: first real token at 0
-    cache = DynamicCache(config=model.config)
-    logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                   use_cache=True, logits_to_keep=1).logits[:, -1]     # prefill: [B, V]
+    decoder = (StaticDecoder if static else DynamicDecoder)(model, attention_mask, max_new_tokens, cuda_graph)
+    logits = decoder.prefill(input_ids, position_ids)                   # [B, V]
     for step in range(max_new_tokens):
         token = next_token(logits, temperature, top_p, u[:, step])
         token = torch.where(done, pad_token_id, token)                 # finished rows emit padding
@@ -297,11 +313,75 @@ def sample(model, input_ids, attention_mask, *, max_new_tokens: int, temperature
         done |= torch.isin(token, eos)
         if step == max_new_tokens - 1 or done.all():
             break
-        attention_mask = F.pad(attention_mask, (0, 1), value=1)
         position_ids = position_ids[:, -1:] + 1
-        logits = model(token[:, None], attention_mask=attention_mask, position_ids=position_ids,
-                       cache=cache, use_cache=True).logits[:, -1]      # decode: [B, V]
+        logits = decoder(token[:, None], position_ids)                  # [B, V]
     return out
+
+
+class DynamicDecoder:
+    """transformers' growing KV cache; the attention mask grows by one column per step."""
+
+    def __init__(self, model, attention_mask, max_new_tokens: int, cuda_graph: bool = False):
+        from transformers import DynamicCache
+        self.model, self.mask, self.cache = model, attention_mask, DynamicCache(config=model.config)
+
+    def prefill(self, input_ids, position_ids):
+        return self.model(input_ids, attention_mask=self.mask, position_ids=position_ids, cache=self.cache,
+                          use_cache=True, logits_to_keep=1).logits[:, -1]
+
+    def __call__(self, token, position_ids):
+        self.mask = F.pad(self.mask, (0, 1), value=1)
+        return self.model(token, attention_mask=self.mask, position_ids=position_ids, cache=self.cache,
+                          use_cache=True).logits[:, -1]
+
+
+class StaticDecoder:
+    """A KV cache and a mask sized for the whole sequence up front, so every decode step has the
+    same shapes and no host sync: on CUDA it is captured once in a CUDA graph and replayed, which
+    removes the per-kernel launch cost that dominates decoding at small batch (no torch.compile,
+    no Triton). Inputs go through fixed buffers that the graph reads."""
+
+    def __init__(self, model, attention_mask, max_new_tokens: int, cuda_graph: bool = False):
+        from transformers import StaticCache
+        B, T = attention_mask.shape
+        self.model, self.T, self.pos, self.graph = model, T, T, None  # pos: where the next token goes
+        self.cache = StaticCache(config=model.config, max_cache_len=T + max_new_tokens)
+        self.mask = F.pad(attention_mask, (0, max_new_tokens), value=0)  # [B, T + max_new_tokens]
+        self.token = torch.zeros(B, 1, dtype=torch.long, device=attention_mask.device)
+        self.position_ids = torch.zeros_like(self.token)
+        self.cache_position = torch.zeros(1, dtype=torch.long, device=attention_mask.device)
+        self.cuda_graph = cuda_graph and attention_mask.device.type == "cuda"
+
+    def prefill(self, input_ids, position_ids):
+        return self.model(input_ids, attention_mask=self.mask[:, : self.T], position_ids=position_ids,
+                          cache=self.cache, cache_position=torch.arange(self.T, device=input_ids.device),
+                          use_cache=True, logits_to_keep=1).logits[:, -1]
+
+    def forward(self):
+        return self.model(self.token, attention_mask=self.mask, position_ids=self.position_ids, cache=self.cache,
+                          cache_position=self.cache_position, use_cache=True).logits[:, -1]
+
+    def __call__(self, token, position_ids):
+        self.mask[:, self.pos] = 1                                      # the new token is visible
+        self.cache_position.fill_(self.pos)
+        self.token.copy_(token)
+        self.position_ids.copy_(position_ids)
+        if not self.cuda_graph:
+            logits = self.forward()
+        else:
+            if self.graph is None:  # warm up on a side stream, then capture one step
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    self.forward()
+                torch.cuda.current_stream().wait_stream(stream)
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    self.logits = self.forward()
+            self.graph.replay()
+            logits = self.logits.clone()
+        self.pos += 1
+        return logits
 
 
 def strip_response(tokens: list[int], eos_ids: list[int]) -> list[int]:
@@ -337,12 +417,12 @@ class ToyJudge:
         return self.vowel_weight * (v[:, :, None] - v[:, None, :]) + self.cycle_weight * rps
 
 
-def load_judge(name: str, device):
+def load_judge(name: str, env):
     """'toy', or PairRM (pairrm_lite) from a folder or hub id; bf16 on CUDA, fp32 on the CPU."""
     if name == "toy":
         return ToyJudge()
     from pairrm_lite import PairRM
-    return PairRM.from_pretrained(name, device=device, dtype=torch.bfloat16 if device.type == "cuda" else None)
+    return PairRM.from_pretrained(name, device=env.device, dtype=torch.bfloat16 if env.bf16 else None)
 
 
 # ----------------------------------------------------------------------------------------
@@ -402,13 +482,45 @@ def lr_at(step: int, total: int, warmup_ratio: float, schedule: str) -> float:
     return 1.0 if schedule == "constant" else max(0.0, (total - step) / max(1, total - warmup))
 
 
-def collate(items, pad_id: int, device):
-    """Right-padded prompt+response rows and their response masks."""
+def collate(items, pad_id: int):
+    """Right-padded prompt+response rows and their response masks (on the CPU)."""
     ids, mask = pad([it["prompt"] + it["response"] for it in items], pad_id, left=False)
     resp = torch.zeros_like(mask)
     for i, it in enumerate(items):
         resp[i, len(it["prompt"]): len(it["prompt"]) + len(it["response"])] = 1
-    return ids.to(device), mask.to(device), resp.to(device)
+    return ids, mask, resp
+
+
+def train_step(model, opt, batch, cfg: Config, pad_id: int, env: Env) -> list[float]:
+    """One optimiser step on a global batch of prompts (each a list of items with ref_logp). Returns
+    the step's sums over all ranks: loss; winner Σ log-ratio, Σ P̂, count; the same for losers; tokens."""
+    n_items = sum(map(len, batch))
+    sums = [0.0] * 8
+    for m in range(cfg.grad_accum):
+        mine = batch[m:: cfg.grad_accum][env.rank:: env.world]
+        # Every rank runs every micro-step (FSDP's collectives must match); a rank with no prompts
+        # left in a short last batch runs one with weight 0.
+        weight = 1.0 if mine else 0.0
+        chunk = [it for g in (mine or batch[:1]) for it in g]
+        ids, mask, resp = map(env.to, collate(chunk, pad_id))
+        with env.amp():
+            logps = sequence_logps(model, ids, mask, resp)                       # [n]
+        ref = torch.tensor([it["ref_logp"] for it in chunk], device=env.device)
+        wr = torch.tensor([it["win_rate"] for it in chunk], device=env.device)
+        # the step's mean over all ranks' responses; × world because FSDP averages gradients
+        loss = sppo_loss(logps, ref, wr, cfg.eta).sum() * (weight * env.world / n_items)
+        loss.backward()
+        sums[0] += loss.item() / env.world
+        sums[7] += weight * int(mask.sum())
+        for it, r in zip(chunk, (logps - ref).tolist()):
+            k = {"winner": 1, "loser": 4}.get(it["role"])
+            if k and weight:
+                sums[k], sums[k + 1], sums[k + 2] = sums[k] + r, sums[k + 1] + it["win_rate"], sums[k + 2] + 1
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))  # measured, not clipped
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return all_sum(sums, env) + [float(grad_norm)]
 
 
 def train_iteration(model, groups, cfg: Config, t: int, pad_id: int, env: Env, log):
@@ -416,12 +528,11 @@ def train_iteration(model, groups, cfg: Config, t: int, pad_id: int, env: Env, l
     dict(prompt, response, win_rate, role); a step takes batch_size prompts, all their items."""
     # Built before any forward: after one, FSDP leaves the root unsharded until the next backward,
     # and an optimiser built then would update throw-away tensors (FACTS.md §5).
-    opt_cls = torch.optim.RMSprop if cfg.optimizer == "rmsprop" else torch.optim.AdamW
-    opt = opt_cls(model.parameters(), lr=cfg.lr)
+    opt = make_optimizer(model, cfg, env)
     # π_t's log-probs, once, before any update: π_t is these very weights, so no second model.
     items = [it for g in groups for it in g]
     with torch.no_grad(), full_weights(model), env.amp():
-        ref = map_chunks(lambda s, chunk: sequence_logps(model, *collate(chunk, pad_id, env.device)).tolist(),
+        ref = map_chunks(lambda s, chunk: sequence_logps(model, *map(env.to, collate(chunk, pad_id))).tolist(),
                          items, cfg.sample_batch_size, env, f"iter {t} reference")
     for it, lp in zip(items, ref):
         it["ref_logp"] = lp
@@ -432,40 +543,13 @@ def train_iteration(model, groups, cfg: Config, t: int, pad_id: int, env: Env, l
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed_for(cfg.seed, t, epoch)))
         for b in range(0, len(groups), cfg.batch_size):
-            batch = [groups[i] for i in order[b: b + cfg.batch_size].tolist()]
-            n_items = sum(map(len, batch))
             lr = cfg.lr * lr_at(step, total, cfg.warmup_ratio, cfg.lr_schedule)
             for g in opt.param_groups:
                 g["lr"] = lr
-            sums = [0.0] * 8  # loss; winner Σ log-ratio, Σ P̂, count; the same for losers; tokens
-            for m in range(cfg.grad_accum):
-                mine = batch[m:: cfg.grad_accum][env.rank:: env.world]
-                # Every rank runs every micro-step (FSDP's collectives must match); a rank with no
-                # prompts left in a short last batch runs one with weight 0.
-                weight = 1.0 if mine else 0.0
-                chunk = [it for g in (mine or batch[:1]) for it in g]
-                ids, mask, resp = collate(chunk, pad_id, env.device)
-                with env.amp():
-                    logps = sequence_logps(model, ids, mask, resp)                   # [n]
-                ref = torch.tensor([it["ref_logp"] for it in chunk], device=env.device)
-                wr = torch.tensor([it["win_rate"] for it in chunk], device=env.device)
-                # the step's mean over all ranks' responses; × world because FSDP averages gradients
-                loss = sppo_loss(logps, ref, wr, cfg.eta).sum() * (weight * env.world / n_items)
-                loss.backward()
-                sums[0] += loss.item() / env.world
-                sums[7] += weight * int(mask.sum())
-                for it, r in zip(chunk, (logps - ref).tolist()):
-                    k = {"winner": 1, "loser": 4}.get(it["role"])
-                    if k and weight:
-                        sums[k], sums[k + 1], sums[k + 2] = sums[k] + r, sums[k + 1] + it["win_rate"], sums[k + 2] + 1
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))  # measured, not clipped
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            loss, w_lr, w_wr, w_n, l_lr, l_wr, l_n, n_tok = all_sum(sums, env)
-            tokens += n_tok
-            log(iteration=t, step=step, loss=loss, lr=lr, grad_norm=float(grad_norm),
+            batch = [groups[i] for i in order[b: b + cfg.batch_size].tolist()]
+            loss, w_lr, w_wr, w_n, l_lr, l_wr, l_n, n_tok, grad_norm = train_step(model, opt, batch, cfg, pad_id, env)
+            step, tokens = step + 1, tokens + n_tok
+            log(iteration=t, step=step, loss=loss, lr=lr, grad_norm=grad_norm,
                 winner_logratio=w_lr / max(w_n, 1), loser_logratio=l_lr / max(l_n, 1),
                 winner_winrate=w_wr / max(w_n, 1), loser_winrate=l_wr / max(l_n, 1))
             bar.set_postfix(loss=f"{loss:.3g}")
@@ -473,6 +557,12 @@ def train_iteration(model, groups, cfg: Config, t: int, pad_id: int, env: Env, l
     bar.close()
     model.eval()
     return tokens / max(time.time() - t0, 1e-9)
+
+
+def make_optimizer(model, cfg: Config, env: Env):
+    """RMSprop (the authors') or AdamW with torch's defaults; fused kernels on CUDA with --fused-optim."""
+    fused = dict(fused=True) if cfg.fused_optim and env.device.type == "cuda" else {}  # CPU: never
+    return (torch.optim.RMSprop if cfg.optimizer == "rmsprop" else torch.optim.AdamW)(model.parameters(), lr=cfg.lr, **fused)
 
 
 # ----------------------------------------------------------------------------------------
@@ -490,9 +580,10 @@ def sample_responses(model, tokenizer, prompt_ids, cfg: Config, tag: int, env: E
         ids, mask = pad([prompt_ids[i] for i, _ in rows], tokenizer.pad_token_id, left=True)
         gens = [torch.Generator(env.device).manual_seed(seed_for(cfg.seed, tag, i, j)) for i, j in rows]
         with env.amp():
-            out = sample(model, ids.to(env.device), mask.to(env.device), max_new_tokens=cfg.max_new_tokens,
+            out = sample(model, env.to(ids), env.to(mask), max_new_tokens=cfg.max_new_tokens,
                          temperature=cfg.temperature, top_p=cfg.top_p, eos_token_id=eos_ids,
-                         pad_token_id=tokenizer.pad_token_id, generator=gens)
+                         pad_token_id=tokenizer.pad_token_id, generator=gens,
+                         static=env.cuda_graph, cuda_graph=env.cuda_graph)
         out = [strip_response(r, eos_ids) for r in out.tolist()]
         return [out[i: i + cfg.k] for i in range(0, len(out), cfg.k)]
 
@@ -520,7 +611,7 @@ def win_rate(judge, prompts: list[str], a: list[list[str]], b: list[list[str]], 
 
 
 def run(cfg: Config):
-    env = setup()
+    env = setup(cfg)
     say = print if env.rank == 0 else (lambda *a, **k: None)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
@@ -535,8 +626,9 @@ def run(cfg: Config):
         model, tokenizer = tiny_model(cfg.seed)
     else:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        cuda_only = dict(attn_implementation="sdpa" if cfg.sdpa else "eager") if env.device.type == "cuda" else {}
         model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32,
-                                                     trust_remote_code=cfg.trust_remote_code)
+                                                     trust_remote_code=cfg.trust_remote_code, **cuda_only)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     disable_dropout(model)
@@ -544,7 +636,7 @@ def run(cfg: Config):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     shard(model, env) if env.distributed else model.to(env.device)
     model.eval()
-    judge = load_judge(cfg.judge, env.device)
+    judge = load_judge(cfg.judge, env)
 
     # Prompts longer than the context minus the sampling budget keep their last tokens.
     context = getattr(model.config, "max_position_embeddings", None) or 10**9
@@ -564,13 +656,12 @@ def run(cfg: Config):
         prompts = [p for p in (first if t == 1 else load_prompts(cfg, t)) if p not in held_out_set]
         texts, ids = render(prompts)
         # step 1: sample K responses per prompt from π_t
-        t0 = time.time()
+        clock = time.time()
         responses = sample_responses(model, tokenizer, ids, cfg, t, env, f"iter {t} sample")
-        sample_tps = sum(len(r) for row in responses for r in row) / (time.time() - t0)
+        seconds = dict(sample=time.time() - clock)
         # step 2: judge every ordered pair
-        t0 = time.time()
         M = judge_all(judge, list(texts), decode(responses), env, f"iter {t} judge")    # [N, K, K]
-        judge_pps = M.shape[0] * cfg.k * (cfg.k - 1) / max(time.time() - t0, 1e-9)
+        seconds["judge"] = time.time() - clock - sum(seconds.values())
         # step 3: win rates against π_t
         wr = win_rates(pairwise_probs(M, cfg.pair_prob))                  # [N, K]
         winners, losers = wr.argmax(-1).tolist(), wr.argmin(-1).tolist()  # first index on ties
@@ -592,15 +683,20 @@ def run(cfg: Config):
         train_tps = train_iteration(model, groups, cfg, t, tokenizer.pad_token_id, env, log)
         if isinstance(judge, torch.nn.Module):
             judge.to(env.device)
+        seconds["train"] = time.time() - clock - sum(seconds.values())
         # evaluate on held-out prompts against the start and against the previous policy
         new = decode(sample_responses(model, tokenizer, eval_ids, cfg, -1, env, f"eval iter {t}"))
         vs_base, vs_prev = (win_rate(judge, eval_text, new, base, env), win_rate(judge, eval_text, new, prev, env)) \
             if held_out else (None, None)
         prev = new
+        seconds["eval"] = time.time() - clock - sum(seconds.values())
         save(model, tokenizer, os.path.join(out, f"iter{t}"), rows, env)
-        m = dict(iteration=t, win_rate_vs_base=vs_base, win_rate_vs_prev=vs_prev, sample_tokens_per_s=sample_tps,
-                 judge_pairs_per_s=judge_pps, train_tokens_per_s=train_tps, seconds=time.time() - t_start,
-                 skipped_prompts=len(prompts) - len(groups))
+        seconds["save"] = time.time() - clock - sum(seconds.values())
+        m = dict(iteration=t, win_rate_vs_base=vs_base, win_rate_vs_prev=vs_prev,
+                 sample_tokens_per_s=sum(len(r) for row in responses for r in row) / seconds["sample"],
+                 judge_pairs_per_s=M.shape[0] * cfg.k * (cfg.k - 1) / max(seconds["judge"], 1e-9),
+                 train_tokens_per_s=train_tps, seconds=time.time() - t_start, skipped_prompts=len(prompts) - len(groups),
+                 **{f"{stage}_seconds": v for stage, v in seconds.items()})
         log(**m)
         wr_text = f"win rate vs base {vs_base:.3f}, vs previous {vs_prev:.3f}" if held_out else "no eval"
         say(f"iter {t}: {wr_text}, {len(groups)} prompts trained, {m['seconds']:.1f}s", flush=True)

@@ -169,6 +169,20 @@ def test_greedy_sample_matches_generate(arch, tmp_path):
     assert torch.equal(ours, theirs)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "mistral", "qwen2"])
+def test_static_cache_decode_gives_the_dynamic_cache_tokens(arch, tmp_path):
+    """The CUDA-graph path decodes on a static KV cache with a full-length mask; on the CPU it runs
+    the same step eagerly and must give exactly the tokens of the dynamic cache."""
+    model = tiny_causal_lm(arch, tmp_path)
+    ids, mask = left_padded_batch()
+    for temperature in (0.0, 1.0):
+        kw = dict(max_new_tokens=12, temperature=temperature, top_p=0.9, eos_token_id=-1, pad_token_id=0)
+        dynamic = sppo.sample(model, ids, mask, generator=torch.Generator().manual_seed(3), **kw)
+        static = sppo.sample(model, ids, mask, generator=torch.Generator().manual_seed(3), static=True,
+                             cuda_graph=True, **kw)  # cuda_graph is ignored on the CPU
+        assert torch.equal(dynamic, static)
+
+
 def test_nucleus_keeps_exactly_the_top_p_mass():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])  # sorted, descending
     keep = lambda p: sppo.nucleus(probs, p)[0].tolist()
@@ -211,7 +225,7 @@ def test_sampling_is_reproducible_and_ignores_batch_mates(tmp_path):
 def test_sequence_logps_against_a_direct_computation(tmp_path):
     model = tiny_causal_lm("gpt2", tmp_path)
     prompts, responses = [[5, 6, 7], [9]], [[10, 11], [12, 13, 14, 2]]
-    ids, mask, resp = sppo.collate([dict(prompt=p, response=r) for p, r in zip(prompts, responses)], 0, "cpu")
+    ids, mask, resp = sppo.collate([dict(prompt=p, response=r) for p, r in zip(prompts, responses)], 0)
     got = sppo.sequence_logps(model, ids, mask, resp)
     for b, (p, r) in enumerate(zip(prompts, responses)):
         seq = torch.tensor([p + r])
@@ -224,7 +238,7 @@ def test_sequence_logps_against_a_direct_computation(tmp_path):
 def test_a_gradient_step_raises_the_winner_and_lowers_the_loser(tmp_path):
     model = tiny_causal_lm("llama", tmp_path)
     items = [dict(prompt=[5, 6, 7], response=[10, 11, 12, 13]), dict(prompt=[5, 6, 7], response=[40, 41, 42, 43])]
-    batch = sppo.collate(items, 0, "cpu")
+    batch = sppo.collate(items, 0)
     with torch.no_grad():
         ref = sppo.sequence_logps(model, *batch)
     wr = torch.tensor([0.8, 0.2])  # winner, loser
@@ -695,3 +709,85 @@ def test_memory_plan_by_hand():
     # training: shard + grads + RMSprop state (2e9 each) + 2 bf16 layers (4e8) + activations of
     # 1 prompt × 2 responses × 50 tokens = 100 tokens: 100·1000·2·(10 + 34) + 100·1000·10 logits
     assert math.isclose(m["training"], (6e9 + 4e8 + 100 * 1000 * 2 * 44 + 100 * 1000 * 10) / G)
+
+
+# ---------------------------------------------------------------------------- benchmarks (SPPO_BENCH=1)
+
+
+def bench_llama(size):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    dims = {"tiny": dict(vocab_size=100, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4),
+            "60m": dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8)}
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(max_position_embeddings=512, initializer_range=0.3, **dims[size])).eval()
+
+
+@bench
+@pytest.mark.parametrize("size, prompts, k, new_tokens", [("tiny", 16, 4, 24), ("60m", 4, 4, 32)])
+def test_bench_sampling_against_generate(size, prompts, k, new_tokens):
+    """sample vs generate(do_sample=True): same model, temperature 1, top-p 0.9, batch prompts × K,
+    new-token budget (EOS never hit, so both decode every step). Tokens per second."""
+    model = bench_llama(size)
+    ids = torch.randint(5, 90, (prompts * k, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    greedy = dict(max_new_tokens=8, temperature=0.0, top_p=1.0, eos_token_id=2, pad_token_id=0)
+    theirs_greedy = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=8,
+                                   eos_token_id=2, pad_token_id=0)[:, 12:]  # the outputs agree where they can
+    assert torch.equal(sppo.sample(model, ids, mask, **greedy)[:, : theirs_greedy.shape[1]], theirs_greedy)
+    ours = lambda: sppo.sample(model, ids, mask, max_new_tokens=new_tokens, temperature=1.0, top_p=0.9, eos_token_id=-1,
+                               pad_token_id=0, generator=[torch.Generator().manual_seed(i) for i in range(len(ids))])
+    theirs = lambda: model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=0.9,
+                                    top_k=0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+    t_ours, t_theirs, a, b = timed_pair(ours, theirs, repeats=5)
+    assert a.shape == (len(ids), new_tokens) and b.shape == (len(ids), 12 + new_tokens)
+    n = len(ids) * new_tokens
+    report_bench(f"sampling_{size}", n / t_ours, n / t_theirs, "tokens/s", batch=len(ids))
+    assert t_theirs / t_ours >= 1.0
+
+
+@bench
+def test_bench_training_step_overhead():
+    """One SPPO optimiser step (winner and loser of 8 prompts in one forward, loss, backward, grad
+    norm, AdamW step) vs the same tokens through a plain language-model forward+backward and step."""
+    import copy
+    model = bench_llama("60m").train()
+    plain = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(0)
+    seq = lambda n: torch.randint(5, 30000, (n,), generator=g).tolist()
+    batch = [[dict(prompt=seq(40), response=seq(int(torch.randint(60, 120, (1,), generator=g))), win_rate=w,
+                   ref_logp=-500.0, role=r) for w, r in ((0.8, "winner"), (0.2, "loser"))] for _ in range(8)]
+    cfg = sppo.Config(eta=1000.0, batch_size=8, grad_accum=1)
+    opt_ours, opt_plain = torch.optim.AdamW(model.parameters(), lr=1e-6), torch.optim.AdamW(plain.parameters(), lr=1e-6)
+    ids, mask, _ = sppo.collate([it for group in batch for it in group], 0)
+
+    def ours():
+        return sppo.train_step(model, opt_ours, batch, cfg, 0, sppo.Env())
+
+    def theirs():
+        plain(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+        opt_plain.step()
+        opt_plain.zero_grad(set_to_none=True)
+
+    t_ours, t_theirs, sums, _ = timed_pair(ours, theirs, repeats=5)
+    assert sums[7] == mask.sum().item()  # the same tokens
+    n = mask.sum().item()
+    report_bench("training_step", n / t_ours, n / t_theirs, "tokens/s", overhead=t_ours / t_theirs - 1)
+    assert t_ours / t_theirs <= 1.10
+
+
+@bench
+def test_bench_default_run(tmp_path):
+    """The default `python sppo.py`: wall time and the per-stage split (target ≤ 60 s on 2 cores)."""
+    import time
+    t0 = time.perf_counter()
+    r = run_sppo("--out", str(tmp_path / "run"))
+    wall = time.perf_counter() - t0
+    assert r.returncode == 0, r.stderr[-2000:]
+    iters = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if "win_rate_vs_base" in line]
+    split = {s: round(sum(m[f"{s}_seconds"] for m in iters), 2) for s in ("sample", "judge", "train", "eval", "save")}
+    split["start-up, base eval"] = round(wall - sum(m["seconds"] for m in iters), 2)
+    print(f"\nbench default_run: {wall:.1f} s wall, split {split}")
+    with open(os.environ.get("SPPO_BENCH_FILE", os.path.join(HERE, "bench.jsonl")), "a") as f:
+        f.write(json.dumps(dict(name="default_run", wall_s=wall, split_s=split, threads=torch.get_num_threads())) + "\n")
+    assert wall <= 60
