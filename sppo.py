@@ -375,9 +375,14 @@ class StaticDecoder:
                 with torch.cuda.stream(stream):
                     self.forward()
                 torch.cuda.current_stream().wait_stream(stream)
-                self.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.graph):
-                    self.logits = self.forward()
+                try:
+                    self.graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(self.graph):
+                        self.logits = self.forward()
+                except RuntimeError as e:  # a model whose step cannot be captured still decodes, eagerly
+                    print(f"sppo: warning: CUDA graph capture failed ({e}); decoding without it", file=sys.stderr)
+                    self.cuda_graph = False
+                    return self(token, position_ids)
             self.graph.replay()
             logits = self.logits.clone()
         self.pos += 1
