@@ -54,7 +54,7 @@ def arg(default, help):
 
 @dataclass
 class Config:
-    model: str = arg("tiny", "preset name ('tiny') or a Hugging Face path / hub id of the policy π_1")
+    model: str = arg("tiny", "preset (tiny, gpt2, mistral-7b, llama-3-8b) or a Hugging Face path / hub id of π_1")
     prompts: str = arg("UCLA-AGI/data-mistral-7b-instruct-sppo-iter{t}",
                        "prompt set: 'builtin', a hub id or a local .json/.jsonl/.parquet/.csv; "
                        "'{t}' is replaced by the iteration (authors: one disjoint set of ~20k per iteration)")
@@ -659,6 +659,8 @@ def run(cfg: Config):
     for t in range(1, cfg.iterations + 1):
         t_start = time.time()
         prompts = [p for p in (first if t == 1 else load_prompts(cfg, t)) if p not in held_out_set]
+        if not prompts:
+            fail(f"no training prompts left in iteration {t} after holding out {len(held_out)}: lower --eval-prompts")
         texts, ids = render(prompts)
         # step 1: sample K responses per prompt from π_t
         clock = time.time()

@@ -292,6 +292,11 @@ def test_load_prompts_from_local_files(tmp_path, ext):
         sppo.load_prompts(cfg, 1)
 
 
+def test_no_training_prompts_left_is_a_clear_error(tmp_path):
+    r = run_sppo("--num-prompts", "8", "--eval-prompts", "8", "--out", str(tmp_path / "run"))
+    assert r.returncode == 2 and "lower --eval-prompts" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_unknown_prompt_field_names_the_fields(tmp_path, capsys):
     path = tmp_path / "p.jsonl"
     path.write_text('{"question": "a"}\n')
