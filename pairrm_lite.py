@@ -70,17 +70,17 @@ class PairRM(nn.Module):
         from transformers import DebertaV2Config
         folder = _local_folder(path_or_hub_id)
         config = json.load(open(os.path.join(folder, "config.json")))
+        if "ranker_type" not in config and config.get("model_type") not in ("deberta-v2", "deberta"):
+            raise ValueError(f"{folder}/config.json is neither PairRM layout: expected 'ranker_type' "
+                             f"(llm-blender/PairRM) or model_type 'deberta-v2' (llm-blender/PairRM-hf)")
         state = _load_weights(folder)
         if "ranker_type" in config:  # original layout (llm-blender/PairRM)
             enc = json.load(open(backbone_config)) if backbone_config else dict(DEBERTA_V3_LARGE)
             enc["vocab_size"] = state["pretrained_model.embeddings.word_embeddings.weight"].shape[0]
             sizes = dict(source_max_length=config.get("source_maxlength", 1224),
                          candidate_max_length=config.get("candidate_maxlength", 412))
-        elif config.get("model_type") in ("deberta-v2", "deberta"):  # hf layout (llm-blender/PairRM-hf)
+        else:  # hf layout (llm-blender/PairRM-hf)
             enc, sizes = config, {}
-        else:
-            raise ValueError(f"{folder}/config.json is neither PairRM layout: expected 'ranker_type' "
-                             f"(llm-blender/PairRM) or model_type 'deberta-v2' (llm-blender/PairRM-hf)")
         enc = {k: v for k, v in enc.items() if k not in ("model_type", "architectures")}
         try:  # skip the random init that loading overwrites (9 s for the real model on a CPU)
             from transformers.initialization import no_init_weights

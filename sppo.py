@@ -33,7 +33,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -96,6 +98,9 @@ class Config:
     cuda_graph: bool = arg(True, "CUDA: static KV cache, each decode step replayed from a captured CUDA graph")
     pin_memory: bool = arg(True, "CUDA: page-locked host buffers, asynchronous copies to the GPU")
     dry_run: bool = arg(False, "print the resolved recipe and the memory plan, then exit (downloads nothing)")
+    resume: Optional[str] = arg(None, "continue the run in this folder from its last finished stage (same config)")
+    overwrite: bool = arg(False, "replace the outputs of an earlier run in --out (other files are kept)")
+    debug: bool = arg(False, "show a traceback for input errors")
 
 
 PRESETS = {  # overrides of the authors' defaults; an explicit flag overrides a preset
@@ -427,7 +432,10 @@ def load_judge(name: str, env):
     if name == "toy":
         return ToyJudge()
     from pairrm_lite import PairRM
-    return PairRM.from_pretrained(name, device=env.device, dtype=torch.bfloat16 if env.bf16 else None)
+    try:
+        return PairRM.from_pretrained(name, device=env.device, dtype=torch.bfloat16 if env.bf16 else None)
+    except (OSError, ValueError) as e:
+        fail(f"cannot load --judge {name}: {first_line(e)}; pass 'toy' or a PairRM folder or hub id")
 
 
 # ----------------------------------------------------------------------------------------
@@ -522,10 +530,13 @@ def train_step(model, opt, batch, cfg: Config, pad_id: int, env: Env) -> list[fl
             if k and weight:
                 sums[k], sums[k + 1], sums[k + 2] = sums[k] + r, sums[k + 1] + it["win_rate"], sums[k + 2] + 1
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))  # measured, not clipped
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP: DTensor
+    sums = all_sum(sums, env)
+    if not (math.isfinite(sums[0]) and math.isfinite(grad_norm)):  # never let a NaN into the weights
+        raise FloatingPointError(f"non-finite loss ({sums[0]}) or gradient norm ({grad_norm})")
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return all_sum(sums, env) + [float(grad_norm)]
+    return sums + [grad_norm]
 
 
 def train_iteration(model, groups, cfg: Config, t: int, pad_id: int, env: Env, log):
@@ -618,107 +629,110 @@ def win_rate(judge, prompts: list[str], a: list[list[str]], b: list[list[str]], 
 def run(cfg: Config):
     env = setup(cfg)
     say = print if env.rank == 0 else (lambda *a, **k: None)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging
-    logging.disable_progress_bar()  # keep our own bars only
     torch.manual_seed(cfg.seed)
-    out = cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-    if env.rank == 0:
-        os.makedirs(out, exist_ok=True)
-        write_json(os.path.join(out, "config.json"), dataclasses.asdict(cfg))
+    out, start = prepare_out(cfg, env)  # start: the first iteration that an earlier run did not finish
+    try:
+        # π_1 is the base model, or on --resume the policy that the last finished iteration saved
+        model, tokenizer = load_policy(cfg.model if start == 1 else os.path.join(out, f"iter{start - 1}"), cfg, env)
+        judge = load_judge(cfg.judge, env)
+        first = load_prompts(cfg, 1)
+        if env.world > len(first):
+            fail(f"{env.world} processes but only {len(first)} prompts: use fewer processes or more prompts")
+        held_out = first[len(first) - cfg.eval_prompts:] if cfg.eval_prompts else []
+        held_out_set = set(held_out)
+        context = getattr(model.config, "max_position_embeddings", None) or 10**9
+        render = lambda ps: render_all(tokenizer, ps, context - cfg.max_new_tokens)
+        eval_text, eval_ids = render(held_out) if held_out else ((), ())
+        decode = lambda rs: [[tokenizer.decode(r, skip_special_tokens=True) for r in row] for row in rs]
+        evaluate = lambda desc: decode(sample_responses(model, tokenizer, eval_ids, cfg, -1, env, desc))
+        base = stage(os.path.join(out, "eval0.json"), env, lambda: evaluate("eval iter 0"))
+        prev = base if start == 1 else read_json(os.path.join(out, f"iter{start - 1}", "eval.json"))
+        metrics = open(os.path.join(out, "metrics.jsonl"), "a") if env.rank == 0 else None
 
-    if cfg.model == "tiny":
-        model, tokenizer = tiny_model(cfg.seed)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
-        cuda_only = dict(attn_implementation="sdpa" if cfg.sdpa else "eager") if env.device.type == "cuda" else {}
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32,
-                                                     trust_remote_code=cfg.trust_remote_code, **cuda_only)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    disable_dropout(model)
-    if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    shard(model, env) if env.distributed else model.to(env.device)
-    model.eval()
-    judge = load_judge(cfg.judge, env)
+        def log(**m):  # one JSON line, flushed at once: a crash keeps every line written before it
+            if metrics:
+                metrics.write(json.dumps(m) + "\n")
+                metrics.flush()
 
-    # Prompts longer than the context minus the sampling budget keep their last tokens.
-    context = getattr(model.config, "max_position_embeddings", None) or 10**9
-    render = lambda ps: zip(*[(text, ids[-(context - cfg.max_new_tokens):]) for text, ids in
-                              (render_prompt(tokenizer, p) for p in ps)])
-    first = load_prompts(cfg, 1)
-    held_out = first[len(first) - cfg.eval_prompts:] if cfg.eval_prompts else []
-    held_out_set = set(held_out)
-    eval_text, eval_ids = render(held_out) if held_out else ((), ())
-    decode = lambda rs: [[tokenizer.decode(r, skip_special_tokens=True) for r in row] for row in rs]
-    base = prev = decode(sample_responses(model, tokenizer, eval_ids, cfg, -1, env, "eval iter 0"))
-    metrics = open(os.path.join(out, "metrics.jsonl"), "a") if env.rank == 0 else None
-    log = lambda **m: metrics and (metrics.write(json.dumps(m) + "\n") or metrics.flush())
-
-    for t in range(1, cfg.iterations + 1):
-        t_start = time.time()
-        prompts = [p for p in (first if t == 1 else load_prompts(cfg, t)) if p not in held_out_set]
-        if not prompts:
-            fail(f"no training prompts left in iteration {t} after holding out {len(held_out)}: lower --eval-prompts")
-        texts, ids = render(prompts)
-        # step 1: sample K responses per prompt from π_t
-        clock = time.time()
-        responses = sample_responses(model, tokenizer, ids, cfg, t, env, f"iter {t} sample")
-        seconds = dict(sample=time.time() - clock)
-        # step 2: judge every ordered pair
-        M = judge_all(judge, list(texts), decode(responses), env, f"iter {t} judge")    # [N, K, K]
-        seconds["judge"] = time.time() - clock - sum(seconds.values())
-        # step 3: win rates against π_t
-        wr = win_rates(pairwise_probs(M, cfg.pair_prob))                  # [N, K]
-        winners, losers = wr.argmax(-1).tolist(), wr.argmin(-1).tolist()  # first index on ties
-        groups, rows = [], []
-        for i, (p_ids, resp) in enumerate(zip(ids, responses)):
-            w, l = winners[i], losers[i]
-            rows.append(dict(prompt=prompts[i], responses=decode([resp])[0], logits=M[i].tolist(),
-                             win_rates=wr[i].tolist(), winner=w, loser=l))
-            if w == l:  # every response judged equal: nothing to learn from this prompt
-                continue
-            chosen = [w, l] if cfg.pairs == "winner-loser" else list(range(cfg.k))
-            p_cut, r_cut = truncate(list(p_ids), [resp[j] for j in chosen], cfg.max_length, cfg.max_prompt_length)
-            roles = {w: "winner", l: "loser"}
-            groups.append([dict(prompt=p_cut, response=r, win_rate=wr[i, j].item(), role=roles.get(j, "other"))
-                           for j, r in zip(chosen, r_cut)])
-        # step 4: minimise the SPPO loss; the model becomes π_{t+1}
-        if isinstance(judge, torch.nn.Module):
-            judge.to("cpu")  # its GPU memory goes to training
-        train_tps = train_iteration(model, groups, cfg, t, tokenizer.pad_token_id, env, log)
-        if isinstance(judge, torch.nn.Module):
-            judge.to(env.device)
-        seconds["train"] = time.time() - clock - sum(seconds.values())
-        # evaluate on held-out prompts against the start and against the previous policy
-        new = decode(sample_responses(model, tokenizer, eval_ids, cfg, -1, env, f"eval iter {t}"))
-        vs_base, vs_prev = (win_rate(judge, eval_text, new, base, env), win_rate(judge, eval_text, new, prev, env)) \
-            if held_out else (None, None)
-        prev = new
-        seconds["eval"] = time.time() - clock - sum(seconds.values())
-        save(model, tokenizer, os.path.join(out, f"iter{t}"), rows, env)
-        seconds["save"] = time.time() - clock - sum(seconds.values())
-        m = dict(iteration=t, win_rate_vs_base=vs_base, win_rate_vs_prev=vs_prev,
-                 sample_tokens_per_s=sum(len(r) for row in responses for r in row) / seconds["sample"],
-                 judge_pairs_per_s=M.shape[0] * cfg.k * (cfg.k - 1) / max(seconds["judge"], 1e-9),
-                 train_tokens_per_s=train_tps, seconds=time.time() - t_start, skipped_prompts=len(prompts) - len(groups),
-                 **{f"{stage}_seconds": v for stage, v in seconds.items()})
-        log(**m)
-        wr_text = f"win rate vs base {vs_base:.3f}, vs previous {vs_prev:.3f}" if held_out else "no eval"
-        say(f"iter {t}: {wr_text}, {len(groups)} prompts trained, {m['seconds']:.1f}s", flush=True)
-    if metrics:
-        metrics.close()
+        for t in range(start, cfg.iterations + 1):
+            t_start = time.time()
+            prompts = [p for p in (first if t == 1 else load_prompts(cfg, t)) if p not in held_out_set]
+            if not prompts:
+                fail(f"no training prompts left in iteration {t} after holding out {len(held_out)}: "
+                     "lower --eval-prompts")
+            texts, ids = render(prompts)
+            work = os.path.join(out, "work", f"iter{t}")
+            # step 1: sample K responses per prompt from π_t
+            clock = time.time()
+            responses = stage(work + ".samples.json", env,
+                              lambda: sample_responses(model, tokenizer, ids, cfg, t, env, f"iter {t} sample"))
+            seconds = dict(sample=time.time() - clock)
+            # step 2: judge every ordered pair
+            M = torch.tensor(stage(work + ".judged.json", env, lambda: judge_all(
+                judge, list(texts), decode(responses), env, f"iter {t} judge").tolist()))  # [N, K, K]
+            seconds["judge"] = time.time() - clock - sum(seconds.values())
+            # step 3: win rates against π_t
+            wr = win_rates(pairwise_probs(M, cfg.pair_prob))                  # [N, K]
+            winners, losers = wr.argmax(-1).tolist(), wr.argmin(-1).tolist()  # first index on ties
+            groups, rows = [], []
+            for i, (p_ids, resp) in enumerate(zip(ids, responses)):
+                w, l = winners[i], losers[i]
+                rows.append(dict(prompt=prompts[i], responses=decode([resp])[0], logits=M[i].tolist(),
+                                 win_rates=wr[i].tolist(), winner=w, loser=l))
+                if w == l:  # every response judged equal: nothing to learn from this prompt
+                    continue
+                chosen = [w, l] if cfg.pairs == "winner-loser" else list(range(cfg.k))
+                p_cut, r_cut = truncate(list(p_ids), [resp[j] for j in chosen], cfg.max_length, cfg.max_prompt_length)
+                roles = {w: "winner", l: "loser"}
+                groups.append([dict(prompt=p_cut, response=r, win_rate=wr[i, j].item(), role=roles.get(j, "other"))
+                               for j, r in zip(chosen, r_cut)])
+            # step 4: minimise the SPPO loss; the model becomes π_{t+1}
+            if isinstance(judge, torch.nn.Module):
+                judge.to("cpu")  # its GPU memory goes to training
+            try:
+                train_tps = train_iteration(model, groups, cfg, t, tokenizer.pad_token_id, env, log)
+            except FloatingPointError as e:
+                last = os.path.join(out, f"iter{t - 1}") if t > 1 else "the base model"
+                fail(f"{e} in iteration {t}: training stopped before the update and iteration {t} was not saved; "
+                     f"the last good policy is {last}. Lower --lr or --eta")
+            if isinstance(judge, torch.nn.Module):
+                judge.to(env.device)
+            seconds["train"] = time.time() - clock - sum(seconds.values())
+            # evaluate on held-out prompts against the start and against the previous policy
+            new = evaluate(f"eval iter {t}")
+            vs_base, vs_prev = (win_rate(judge, eval_text, new, base, env), win_rate(judge, eval_text, new, prev, env)) \
+                if held_out else (None, None)
+            prev = new
+            seconds["eval"] = time.time() - clock - sum(seconds.values())
+            m = dict(iteration=t, win_rate_vs_base=vs_base, win_rate_vs_prev=vs_prev,
+                     sample_tokens_per_s=sum(len(r) for row in responses for r in row) / max(seconds["sample"], 1e-9),
+                     judge_pairs_per_s=M.shape[0] * cfg.k * (cfg.k - 1) / max(seconds["judge"], 1e-9),
+                     train_tokens_per_s=train_tps, seconds=time.time() - t_start,
+                     skipped_prompts=len(prompts) - len(groups), **{f"{k}_seconds": v for k, v in seconds.items()})
+            log(**m)
+            save(model, tokenizer, os.path.join(out, f"iter{t}"), dict(samples=rows, eval=new), env)
+            if env.rank == 0:  # the iteration is saved: its work files are no longer needed
+                for suffix in (".samples.json", ".judged.json"):
+                    os.remove(work + suffix)
+            wr_text = f"win rate vs base {vs_base:.3f}, vs previous {vs_prev:.3f}" if held_out else "no eval"
+            say(f"iter {t}: {wr_text}, {len(groups)} prompts trained, {m['seconds']:.1f}s", flush=True)
+        if metrics:
+            metrics.close()
+    except KeyboardInterrupt:
+        say(f"sppo: interrupted; every finished stage is saved. Resume with: python sppo.py --resume {out}",
+            file=sys.stderr)
+        raise SystemExit(130)
     if env.distributed:
         dist.barrier()  # without it some ranks aborted at exit (FACTS.md §5)
         dist.destroy_process_group()
     return out
 
 
-def save(model, tokenizer, path: str, rows, env: Env):
-    """π_{t+1} in Hugging Face format (safetensors) with its tokenizer and the iteration's samples,
-    written to a temporary folder first so a crash never leaves a half-written checkpoint. Under
-    FSDP every rank takes part in assembling the full state dict; rank 0 writes it."""
+def save(model, tokenizer, path: str, files: dict, env: Env):
+    """π_{t+1} in Hugging Face format (safetensors) with its tokenizer, the iteration's samples
+    (samples.jsonl) and held-out responses (eval.json), written to a temporary folder first and
+    renamed, so a crash never leaves a half-written checkpoint. Under FSDP every rank takes part in
+    assembling the full state dict; rank 0 writes it."""
     state = None
     if env.distributed:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -726,20 +740,59 @@ def save(model, tokenizer, path: str, rows, env: Env):
         for key in getattr(model, "all_tied_weights_keys", {}):  # e.g. GPT-2's lm_head = wte: store it once
             state.pop(key, None)
     if env.rank == 0:
-        tmp = path + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=state)
-        tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, "samples.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        with uninterrupted():  # Ctrl-C waits for the save: it holds a whole iteration
+            tmp = path + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp, state_dict=state)
+            tokenizer.save_pretrained(tmp)
+            with open(os.path.join(tmp, "samples.jsonl"), "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in files["samples"])
+            write_json(os.path.join(tmp, "eval.json"), files["eval"])
+            os.replace(tmp, path)
     if env.distributed:
         dist.barrier()  # nobody reads or moves on before the checkpoint exists
 
 
 # ----------------------------------------------------------------------------------------
 # Plumbing: the tiny model, prompt loading, command line.
+
+def load_policy(path: str, cfg: Config, env: Env):
+    """The policy and its tokenizer (the built-in tiny model, or a Hugging Face folder or hub id),
+    dropout off, sharded under torchrun."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
+    logging.disable_progress_bar()  # keep our own bars only
+    if path == "tiny":
+        model, tokenizer = tiny_model(cfg.seed)
+    else:
+        cuda_only = dict(attn_implementation="sdpa" if cfg.sdpa else "eager") if env.device.type == "cuda" else {}
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                         trust_remote_code=cfg.trust_remote_code, **cuda_only)
+        except (OSError, ValueError) as e:
+            fail(f"cannot load --model {path}: it is not a preset ({', '.join(PRESETS)}), a model folder, "
+                 f"or a hub id that can be downloaded ({first_line(e)})")
+    if tokenizer.eos_token_id is None:
+        fail(f"the tokenizer of {path} has no EOS token, so responses could never end: set eos_token in its "
+             "tokenizer_config.json")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    disable_dropout(model)
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    shard(model, env) if env.distributed else model.to(env.device)
+    return model.eval(), tokenizer
+
+
+def render_all(tokenizer, prompts: list[str], limit: int):
+    """Rendered texts and ids; a prompt longer than limit (the context minus the sampling budget)
+    keeps its last limit tokens."""
+    texts, ids = zip(*[render_prompt(tokenizer, p) for p in prompts])
+    if cut := sum(len(x) > limit for x in ids):
+        warn(f"{cut} prompt(s) longer than {limit} tokens keep their last {limit}")
+    return texts, [x[-limit:] for x in ids]
+
 
 TINY_CHAT_TEMPLATE = "{{ bos_token }}{% for m in messages %}Q: {{ m['content'] }}{% endfor %}" \
                      "{% if add_generation_prompt %} A:{% endif %}"
@@ -788,19 +841,23 @@ def load_prompts(cfg: Config, t: int) -> list[str]:
         source = cfg.prompts.replace("{t}", str(t))
         kinds = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
         ext = os.path.splitext(source)[1].lower()
-        if ext in kinds:
-            if not os.path.isfile(source):
-                fail(f"prompt file '{source}' not found: check --prompts")
-            ds = datasets.load_dataset(kinds[ext], data_files=source, split="train")
-        else:
-            ds = datasets.load_dataset(source, split=cfg.prompt_split)
+        if ext in kinds and not os.path.isfile(source):
+            fail(f"prompt file '{source}' not found: check --prompts")
+        try:
+            ds = (datasets.load_dataset(kinds[ext], data_files=source, split="train") if ext in kinds
+                  else datasets.load_dataset(source, split=cfg.prompt_split))
+        except Exception as e:  # unreadable, malformed, or not on the hub: the message names it
+            fail(f"cannot read prompts '{source}': {first_line(e)}")
         if cfg.prompt_field not in ds.column_names:
             fail(f"no field '{cfg.prompt_field}' in {source}; it has {ds.column_names}: pass --prompt-field")
         prompts = list(ds[cfg.prompt_field])
     prompts = prompts[: cfg.num_prompts] if cfg.num_prompts else prompts
-    if not prompts:
+    kept = [p for p in prompts if isinstance(p, str) and p.strip()]
+    if len(kept) < len(prompts):
+        warn(f"skipped {len(prompts) - len(kept)} empty prompt(s) in '{cfg.prompts}'")
+    if not kept:
         fail(f"no prompts in '{cfg.prompts}'")
-    return prompts
+    return kept
 
 
 # Architecture facts of the presets, so that --dry-run needs no download.
@@ -857,16 +914,101 @@ def dry_run(cfg: Config):
           f"  host RAM: each process loads the fp32 checkpoint ({4 * a['params'] / 2**30:.1f} GiB) before sharding")
 
 
-def write_json(path: str, obj):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
+RUN_ONLY = {"out", "resume", "overwrite", "debug", "dry_run", "iterations"}  # may differ on --resume
+
+
+def prepare_out(cfg: Config, env: Env):
+    """The output folder: a new one; or an earlier run's, replaced (--overwrite, our files only) or
+    continued (--resume, from the first iteration without a saved iter{t}/). Returns (folder, start)."""
+    out = cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    ours = lambda name: name in ("config.json", "metrics.jsonl", "eval0.json", "work") or name.startswith("iter")
+    start = 1
+    if cfg.resume:
+        start = next((t for t in range(1, cfg.iterations + 1) if not os.path.isdir(os.path.join(out, f"iter{t}"))),
+                     cfg.iterations + 1)
+    elif os.path.isdir(out) and os.listdir(out) and not cfg.overwrite:
+        fail(f"--out {out} exists and is not empty: pass --resume {out} to continue it, --overwrite to replace "
+             "its outputs, or another --out")
+    if env.distributed:
+        dist.barrier()  # every rank has looked before rank 0 writes
+    if env.rank == 0:
+        if cfg.overwrite and not cfg.resume and os.path.isdir(out):
+            for name in filter(ours, os.listdir(out)):
+                path = os.path.join(out, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        os.makedirs(os.path.join(out, "work"), exist_ok=True)
+        write_json(os.path.join(out, "config.json"), dataclasses.asdict(cfg), indent=2)
+        metrics = os.path.join(out, "metrics.jsonl")
+        if os.path.isfile(metrics):  # keep the lines of finished iterations only
+            lines = [x for x in open(metrics) if json.loads(x)["iteration"] < start]
+            with uninterrupted(), open(metrics + ".tmp", "w") as f:
+                f.writelines(lines)
+            os.replace(metrics + ".tmp", metrics)
+    if env.distributed:
+        dist.barrier()
+    if start > 1:
+        say0(f"resuming {out} at iteration {start}")
+    return out, start
+
+
+def stage(path: str, env: Env, compute):
+    """A stage's result: read back if an earlier run finished it, else computed and written
+    atomically by rank 0. The file's existence is the record that the stage is done."""
+    if os.path.exists(path):
+        return read_json(path)
+    result = compute()
+    if env.rank == 0:
+        write_json(path, result)
+    return result
+
+
+@contextmanager
+def uninterrupted():
+    """Defer Ctrl-C until the block (an atomic write) is done, so an interrupt never costs a file."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *args: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            raise KeyboardInterrupt
+
+
+def write_json(path: str, obj, indent=None):
+    with uninterrupted():
+        with open(path + ".tmp", "w") as f:
+            json.dump(obj, f, indent=indent)
+        os.replace(path + ".tmp", path)
+
+
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+class UserError(Exception):
+    """Bad input: main prints it as one line and exits with code 2 (with a traceback under --debug)."""
 
 
 def fail(message: str):
-    """A user error: one line naming the problem and the fix, exit code 2."""
-    print(f"sppo: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    raise UserError(message)
+
+
+def first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+def say0(message: str):
+    """A note on standard error, from rank 0 only."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"sppo: {message}", file=sys.stderr)
+
+
+warn = lambda message: say0(f"warning: {message}")
 
 
 def parse_config(argv=None) -> Config:
@@ -884,8 +1026,23 @@ def parse_config(argv=None) -> Config:
             base = next((a for a in get_args(kind) if a is not type(None)), kind)  # Optional[int] -> int
             p.add_argument(flag, type=base, **kw)
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
-    name = given.pop("model", Config.model)  # a preset name fills in the model id and its recipe
-    cfg = Config(**{"model": name, **PRESETS.get(name, {}), **given})
+    preset = lambda name: {"model": name, **PRESETS.get(name, {})}  # a preset name fills in the id and recipe
+    if "resume" in given:  # the saved config, and every flag given must agree with it
+        path = os.path.join(given["resume"], "config.json")
+        if not os.path.isfile(path):
+            fail(f"--resume {given['resume']}: no config.json there, so it is not an sppo run folder")
+        saved = {k: v for k, v in read_json(path).items() if k in {f.name for f in dataclasses.fields(Config)}}
+        asked = {**(preset(given["model"]) if "model" in given else {}),
+                 **{k: v for k, v in given.items() if k != "model"}}
+        diff = [f"--{k.replace('_', '-')} {v} (saved: {saved.get(k)})" for k, v in asked.items()
+                if k not in RUN_ONLY and saved.get(k) != v]
+        if diff:
+            fail(f"--resume {given['resume']} was started with another config: {'; '.join(diff)}; "
+                 "drop those flags, or start a new run")
+        cfg = Config(**{**saved, **{k: v for k, v in given.items() if k in RUN_ONLY}, "out": given["resume"]})
+    else:
+        name = given.pop("model", Config.model)
+        cfg = Config(**{**preset(name), **given})
     if cfg.k < 2:
         fail(f"--k {cfg.k}: SPPO compares responses, so K must be at least 2")
     if cfg.eta <= 0:
@@ -895,6 +1052,18 @@ def parse_config(argv=None) -> Config:
     return cfg
 
 
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = parse_config(argv)
+        dry_run(cfg) if cfg.dry_run else run(cfg)
+    except UserError as e:
+        if "--debug" in argv:
+            raise
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"sppo: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    config = parse_config()
-    dry_run(config) if config.dry_run else run(config)
+    main()
