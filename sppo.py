@@ -23,6 +23,7 @@ pairwise probability). Deviation: we train on the sampled token ids, not on re-t
     python sppo.py --model gpt2                             # classroom preset, one consumer GPU
     torchrun --nproc_per_node 8 sppo.py --model mistral-7b  # the paper's recipe, FSDP2 on 8 GPUs
     python sppo.py --model mistral-7b --dry-run             # print the recipe and the memory plan
+    python sppo.py --demo nash                              # exact SPPO on a cyclic game vs Bradley-Terry
 
 Left out on purpose: vLLM, DeepSpeed, accelerate, Trainer subclasses, a loss zoo.
 """
@@ -78,6 +79,8 @@ class Config:
                     "'paper' σ(½(M_ij − M_ji)) the judge's own probability")
     pairs: Literal["winner-loser", "all"] = arg(
         "winner-loser", "train on argmax/argmin P̂ only (authors' code) or on all K responses (Algorithm 1)")
+    loss: Literal["sppo", "sppo_hard", "dpo", "ipo"] = arg(
+        "sppo", "the SPPO loss, or for comparison sppo_hard (P̂ ∈ {0, 1}), dpo or ipo with β = 1/η (pairs only)")
     eta: float = arg(1000.0, "η, step size of the multiplicative-weights update (authors: 1000, their β = 1/η)")
     optimizer: Literal["rmsprop", "adamw"] = arg("rmsprop", "optimiser (authors: RMSprop, torch defaults)")
     lr: float = arg(5e-7, "peak learning rate (authors: 5e-7)")
@@ -101,6 +104,8 @@ class Config:
     resume: Optional[str] = arg(None, "continue the run in this folder from its last finished stage (same config)")
     overwrite: bool = arg(False, "replace the outputs of an earlier run in --out (other files are kept)")
     debug: bool = arg(False, "show a traceback for input errors")
+    demo: Optional[str] = arg(None, "'nash': SPPO's exact update on a 3-response cyclic game vs Bradley-Terry "
+                                    "(η 0.2 and 1000 iterations unless --eta / --iterations are given)")
 
 
 PRESETS = {  # overrides of the authors' defaults; an explicit flag overrides a preset
@@ -486,6 +491,37 @@ def sppo_loss(policy_logps, ref_logps, win_rates, eta: float):
     return (log_ratio - target) ** 2                                     # [N]
 
 
+# For the classroom (--loss), on winner/loser pairs, with β = 1/η. SPPO regresses each response's
+# log-ratio to its own target, so the winner goes up and the loser down; DPO and IPO only see the
+# gap Δ_w − Δ_l, which they can widen while both likelihoods fall.
+
+def sppo_hard_loss(policy_logps, ref_logps, is_winner, eta: float):
+    """TRL's sppo_hard: P̂ = 1 for the winner, 0 for the loser: (Δ_w − η/2)² and (Δ_l + η/2)²."""
+    return sppo_loss(policy_logps, ref_logps, is_winner.float(), eta)   # [N]
+
+
+def dpo_loss(winner_logratio, loser_logratio, eta: float):
+    """DPO: −log σ(β (Δ_w − Δ_l)), per pair."""
+    return -F.logsigmoid((winner_logratio - loser_logratio) / eta)     # [N/2]
+
+
+def ipo_loss(winner_logratio, loser_logratio, eta: float):
+    """IPO: (Δ_w − Δ_l − 1/(2β))², per pair: the gap is pulled to η/2, each side left free."""
+    return (winner_logratio - loser_logratio - eta / 2) ** 2           # [N/2]
+
+
+def batch_loss(name: str, policy_logps, ref_logps, win_rates, roles: list[str], eta: float):
+    """Summed loss of a micro-batch: over responses, or over pairs laid out winner, loser, winner,
+    loser, … as --pairs winner-loser makes them."""
+    if name == "sppo":
+        return sppo_loss(policy_logps, ref_logps, win_rates, eta).sum()
+    is_winner = torch.tensor([r == "winner" for r in roles], device=policy_logps.device)
+    if name == "sppo_hard":
+        return sppo_hard_loss(policy_logps, ref_logps, is_winner, eta).sum()
+    pairs = (policy_logps - ref_logps).view(-1, 2)                      # [N/2, (winner, loser)]
+    return (dpo_loss if name == "dpo" else ipo_loss)(pairs[:, 0], pairs[:, 1], eta).sum()
+
+
 def lr_at(step: int, total: int, warmup_ratio: float, schedule: str) -> float:
     """Multiplier of the peak lr: linear warm-up from 0, then linear decay to 0 or constant
     (transformers' get_linear_schedule_with_warmup, which the authors' Trainer used)."""
@@ -507,7 +543,7 @@ def collate(items, pad_id: int):
 def train_step(model, opt, batch, cfg: Config, pad_id: int, env: Env) -> list[float]:
     """One optimiser step on a global batch of prompts (each a list of items with ref_logp). Returns
     the step's sums over all ranks: loss; winner Σ log-ratio, Σ P̂, count; the same for losers; tokens."""
-    n_items = sum(map(len, batch))
+    n_units = sum(map(len, batch)) // (2 if cfg.loss in ("dpo", "ipo") else 1)  # responses, or pairs
     sums = [0.0] * 8
     for m in range(cfg.grad_accum):
         mine = batch[m:: cfg.grad_accum][env.rank:: env.world]
@@ -521,7 +557,8 @@ def train_step(model, opt, batch, cfg: Config, pad_id: int, env: Env) -> list[fl
         ref = torch.tensor([it["ref_logp"] for it in chunk], device=env.device)
         wr = torch.tensor([it["win_rate"] for it in chunk], device=env.device)
         # the step's mean over all ranks' responses; × world because FSDP averages gradients
-        loss = sppo_loss(logps, ref, wr, cfg.eta).sum() * (weight * env.world / n_items)
+        loss = batch_loss(cfg.loss, logps, ref, wr, [it["role"] for it in chunk], cfg.eta)
+        loss = loss * (weight * env.world / n_units)
         loss.backward()
         sums[0] += loss.item() / env.world
         sums[7] += weight * int(mask.sum())
@@ -718,6 +755,7 @@ def run(cfg: Config):
             say(f"iter {t}: {wr_text}, {len(groups)} prompts trained, {m['seconds']:.1f}s", flush=True)
         if metrics:
             metrics.close()
+            plot_curves(out)
     except KeyboardInterrupt:
         say(f"sppo: interrupted; every finished stage is saved. Resume with: python sppo.py --resume {out}",
             file=sys.stderr)
@@ -751,6 +789,73 @@ def save(model, tokenizer, path: str, files: dict, env: Env):
             os.replace(tmp, path)
     if env.distributed:
         dist.barrier()  # nobody reads or moves on before the checkpoint exists
+
+
+# ----------------------------------------------------------------------------------------
+# Demo (--demo nash): why self-play, not Bradley-Terry. The exact SPPO update on a game of three
+# responses whose preferences form a rock-paper-scissors cycle, so no score explains them.
+
+GAME = torch.tensor([[0.5, 0.9, 0.3],   # P[i, j] = P(y_i ≻ y_j): y_0 ≻ y_1 ≻ y_2 ≻ y_0,
+                     [0.1, 0.5, 0.8],   # with P + Pᵀ = 1
+                     [0.7, 0.2, 0.5]], dtype=torch.float64)
+
+
+def nash_equilibrium(P):
+    """π* of the symmetric constant-sum game: no response beats it, P π* = ½ (a fully mixed
+    equilibrium, as a cycle has), with Σ π* = 1: a small linear system."""
+    n = len(P)
+    A = torch.cat([P - 0.5, torch.ones(1, n, dtype=P.dtype)])           # [n + 1, n]
+    b = torch.cat([torch.zeros(n, dtype=P.dtype), torch.ones(1, dtype=P.dtype)])
+    return torch.linalg.lstsq(A, b[:, None]).solution[:, 0]
+
+
+def exploitability(P, pi):
+    """How much the best single response beats π: max_y P(y ≻ π) − ½; 0 exactly at π*."""
+    return ((P @ pi).max() - 0.5).item()
+
+
+def sppo_game(P, eta: float, T: int):
+    """The iterates π_1..π_T of π_{t+1}(y) ∝ π_t(y) exp(η P(y ≻ π_t)), from the uniform policy."""
+    pi, iterates = torch.full((len(P),), 1 / len(P), dtype=P.dtype), []
+    for _ in range(T):
+        iterates.append(pi)
+        pi = pi * torch.exp(eta * (P @ pi))
+        pi = pi / pi.sum()
+    return torch.stack(iterates)                                         # [T, n]
+
+
+def bradley_terry_fit(P, steps: int = 500):
+    """The scores r that best explain P as σ(r_i − r_j) (maximum likelihood on soft labels)."""
+    r = torch.zeros(len(P), dtype=P.dtype, requires_grad=True)
+    opt = torch.optim.Adam([r], lr=0.05)
+    for _ in range(steps):
+        loss = -(P * F.logsigmoid(r[:, None] - r[None, :])).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return r.detach()
+
+
+def nash_demo(eta: float, T: int) -> list[dict]:
+    P, star = GAME, nash_equilibrium(GAME)
+    iterates = sppo_game(P, eta, T)
+    average = iterates.cumsum(0) / torch.arange(1, T + 1, dtype=P.dtype)[:, None]
+    print(f"a game of 3 responses with a cycle; its Nash equilibrium π* = {[round(x, 3) for x in star.tolist()]}")
+    print(f"SPPO's exact update, η = {eta}: the average policy converges to π*, the last iterate keeps cycling")
+    print("      t   |avg − π*|₁   exploitability(avg)   |last − π*|₁")
+    rows = []
+    for t in sorted({1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, T} & set(range(1, T + 1))):
+        rows.append(dict(t=t, distance=(average[t - 1] - star).abs().sum().item(),
+                         exploitability=exploitability(P, average[t - 1]),
+                         last_distance=(iterates[t - 1] - star).abs().sum().item()))
+        print(f"  {t:5}   {rows[-1]['distance']:10.4f}   {rows[-1]['exploitability']:19.4f}   {rows[-1]['last_distance']:12.4f}")
+    r = bradley_terry_fit(P)
+    best = torch.nn.functional.one_hot(r.argmax(), len(P)).to(P.dtype)
+    print(f"Bradley-Terry's best fit: scores {[round(x, 3) for x in r.tolist()]}; its best response is the single "
+          f"response {r.argmax().item()}, which response {(P @ best).argmax().item()} beats with probability "
+          f"{(P @ best).max().item():.2f} (exploitability {exploitability(P, best):.3f}); "
+          f"SPPO's average after {T} iterations: {rows[-1]['exploitability']:.4f}")
+    return rows
 
 
 # ----------------------------------------------------------------------------------------
@@ -914,6 +1019,37 @@ def dry_run(cfg: Config):
           f"  host RAM: each process loads the fp32 checkpoint ({4 * a['params'] / 2**30:.1f} GiB) before sharding")
 
 
+def plot_curves(out: str):
+    """DIR/curves.png: held-out win rates per iteration, and the winner's and loser's log-ratios
+    per step, when matplotlib is installed (it is optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        say0(f"pip install matplotlib to get {out}/curves.png (win rates and log-ratios)")
+        return None
+    ms = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    iters = [m for m in ms if m.get("win_rate_vs_base") is not None]
+    steps = [m for m in ms if "step" in m]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("win_rate_vs_base", "against the start"), ("win_rate_vs_prev", "against the previous")):
+        left.plot([m["iteration"] for m in iters], [m[key] for m in iters], "o-", label=label)
+    left.axhline(0.5, color="grey", lw=0.5)
+    left.set_xticks([m["iteration"] for m in iters])
+    left.set(xlabel="iteration", ylabel="held-out win rate", title="SPPO iterates")
+    for key, label in (("winner_logratio", "winner"), ("loser_logratio", "loser")):
+        right.plot(range(1, len(steps) + 1), [m[key] for m in steps], label=label)
+    right.axhline(0, color="grey", lw=0.5)
+    right.set(xlabel="optimiser step (all iterations)", ylabel="log π_θ(y|x) − log π_t(y|x)", title="log-ratios")
+    for ax in (left, right):
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "curves.png"))
+    plt.close(fig)
+    return os.path.join(out, "curves.png")
+
+
 RUN_ONLY = {"out", "resume", "overwrite", "debug", "dry_run", "iterations"}  # may differ on --resume
 
 
@@ -1040,6 +1176,8 @@ def parse_config(argv=None) -> Config:
             fail(f"--resume {given['resume']} was started with another config: {'; '.join(diff)}; "
                  "drop those flags, or start a new run")
         cfg = Config(**{**saved, **{k: v for k, v in given.items() if k in RUN_ONLY}, "out": given["resume"]})
+    elif "demo" in given:
+        cfg = Config(**{"eta": 0.2, "iterations": 1000, **given})
     else:
         name = given.pop("model", Config.model)
         cfg = Config(**{**preset(name), **given})
@@ -1047,6 +1185,8 @@ def parse_config(argv=None) -> Config:
         fail(f"--k {cfg.k}: SPPO compares responses, so K must be at least 2")
     if cfg.eta <= 0:
         fail(f"--eta {cfg.eta}: η must be positive")
+    if cfg.loss != "sppo" and cfg.pairs != "winner-loser":
+        fail(f"--loss {cfg.loss} trains on winner/loser pairs: add --pairs winner-loser")
     if cfg.batch_size % cfg.grad_accum:
         fail(f"--batch-size {cfg.batch_size} is not divisible by --grad-accum {cfg.grad_accum}")
     return cfg
@@ -1056,7 +1196,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
         cfg = parse_config(argv)
-        dry_run(cfg) if cfg.dry_run else run(cfg)
+        if cfg.demo not in (None, "nash"):
+            fail(f"--demo {cfg.demo}: the only demo is 'nash'")
+        nash_demo(cfg.eta, cfg.iterations) if cfg.demo else dry_run(cfg) if cfg.dry_run else run(cfg)
     except UserError as e:
         if "--debug" in argv:
             raise

@@ -979,3 +979,97 @@ def test_more_processes_than_prompts(tmp_path):
     (tmp_path / "one.jsonl").write_text(json.dumps({"prompt": "only one"}) + "\n")
     r = torchrun(os.path.join(HERE, "sppo.py"), "--prompts", str(tmp_path / "one.jsonl"), "--out", str(tmp_path / "run"))
     assert r.returncode != 0 and "2 processes but only 1 prompts" in r.stderr
+
+
+# ---------------------------------------------------------------------------- the paper companion: losses, Nash demo, plots
+
+
+def test_each_loss_moves_winner_and_loser_as_its_formula_says():
+    """30 steps of each --loss on the same 8 winner/loser pairs sampled from the tiny model and
+    judged by the toy judge (η = 20, β = 1/η), then the log-ratios with the trained policy."""
+    import copy
+    base, tok = sppo.tiny_model(0)
+    prompts = [sppo.render_prompt(tok, p)[1] for p in sppo.builtin_prompts()[:8]]
+    cfg = sppo.Config(k=4, max_new_tokens=16, temperature=1.0, top_p=1.0, sample_batch_size=8, seed=0)
+    resp = sppo.sample_responses(base, tok, prompts, cfg, 1, sppo.Env(), "sample")
+    texts = [[tok.decode(r, skip_special_tokens=True) for r in row] for row in resp]
+    wr = sppo.win_rates(sppo.pairwise_probs(sppo.ToyJudge().logit_matrices([""] * 8, texts), "official"))
+    moved = {}
+    for loss in ("sppo", "sppo_hard", "dpo", "ipo"):
+        model = copy.deepcopy(base)
+        batch = [[dict(prompt=prompts[i], response=resp[i][j], win_rate=wr[i, j].item(), role=role)
+                  for j, role in ((wr[i].argmax().item(), "winner"), (wr[i].argmin().item(), "loser"))] for i in range(8)]
+        items = [it for g in batch for it in g]
+        with torch.no_grad():
+            ref = sppo.sequence_logps(model, *sppo.collate(items, 0))
+        for it, r in zip(items, ref.tolist()):
+            it["ref_logp"] = r
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        model.train()
+        for _ in range(30):
+            sppo.train_step(model, opt, batch, sppo.Config(loss=loss, eta=20.0, batch_size=8), 0, sppo.Env())
+        with torch.no_grad():
+            d = sppo.sequence_logps(model.eval(), *sppo.collate(items, 0)) - ref
+        moved[loss] = (d[0::2], d[1::2], torch.tensor([it["win_rate"] for it in items]))
+    for loss, (w, l, _) in moved.items():
+        assert w.mean() > 0 > l.mean(), loss  # here every loss raises the winner and lowers the loser
+    w, l, p = moved["sppo"]  # SPPO: each response near its own target η (P̂ − ½) (~±6 here)
+    targets = 20.0 * (p - 0.5)
+    assert (torch.cat([w, l]) - torch.cat([targets[0::2], targets[1::2]])).abs().mean() < 2.0
+    w, l, _ = moved["sppo_hard"]  # SPPO-hard: targets ±η/2 = ±10
+    assert abs(w.mean() - 10) < 2 and abs(l.mean() + 10) < 2
+    w, l, _ = moved["ipo"]  # IPO: only the gap is pulled, to η/2 = 10
+    assert abs((w - l).mean() - 10) < 1
+    w, l, _ = moved["dpo"]  # DPO: the gap keeps growing, far past IPO's
+    assert (w - l).mean() > 3 * 10
+
+
+def test_pair_losses_by_hand():
+    w, l = torch.tensor([3.0]), torch.tensor([-1.0])  # gap 4
+    assert math.isclose(sppo.dpo_loss(w, l, eta=2.0).item(), math.log(1 + math.exp(-2.0)), rel_tol=1e-6)  # β = ½
+    assert math.isclose(sppo.ipo_loss(w, l, eta=2.0).item(), (4 - 1) ** 2)  # target gap η/2 = 1
+    hard = sppo.sppo_hard_loss(torch.tensor([3.0, -1.0]), torch.zeros(2), torch.tensor([True, False]), eta=2.0)
+    assert torch.allclose(hard, torch.tensor([(3 - 1) ** 2, (-1 + 1) ** 2], dtype=torch.float))
+    with pytest.raises(sppo.UserError, match="--pairs winner-loser"):
+        sppo.parse_config(["--loss", "dpo"])  # the tiny preset trains on all K responses
+
+
+def test_nash_equilibrium_by_hand():
+    # for P = ½ + A/2 with A = [[0, a, −b], [−a, 0, c], [b, −c, 0]], A π = 0 gives π ∝ (c, b, a)
+    a, b, c = 0.8, 0.4, 0.6  # the demo's game
+    assert torch.allclose(sppo.nash_equilibrium(sppo.GAME), torch.tensor([c, b, a], dtype=torch.float64) / (a + b + c))
+    a, b, c = 0.2, 0.9, 0.5
+    A = torch.tensor([[0, a, -b], [-a, 0, c], [b, -c, 0]], dtype=torch.float64)
+    star = sppo.nash_equilibrium(0.5 + A / 2)
+    assert torch.allclose(star, torch.tensor([c, b, a], dtype=torch.float64) / (a + b + c))
+    assert sppo.exploitability(0.5 + A / 2, star) < 1e-12
+
+
+def test_nash_demo_average_converges_and_bradley_terry_does_not(capsys):
+    rows = sppo.nash_demo(eta=0.2, T=1000)
+    assert rows[-1]["t"] == 1000 and rows[-1]["distance"] < 0.01 and rows[-1]["exploitability"] < 0.005
+    assert rows[-1]["distance"] < rows[0]["distance"] / 10
+    assert rows[-1]["last_distance"] > 0.1  # the last iterate keeps cycling: the guarantee is for the average
+    out = capsys.readouterr().out
+    assert "Bradley-Terry's best fit" in out and "exploitability 0.200" in out  # a single response is beaten
+    r = subprocess.run([sys.executable, os.path.join(HERE, "sppo.py"), "--demo", "nash", "--iterations", "50"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "     50 " in r.stdout
+
+
+def test_curves_are_optional(tmp_path, monkeypatch, capsys):
+    lines = [dict(iteration=1, step=1, winner_logratio=0.5, loser_logratio=-1.0),
+             dict(iteration=1, win_rate_vs_base=0.6, win_rate_vs_prev=0.6)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    assert sppo.plot_curves(str(tmp_path)) is None
+    assert "pip install matplotlib" in capsys.readouterr().err and not (tmp_path / "curves.png").exists()
+
+
+def test_curves_are_drawn_when_matplotlib_is_installed(tmp_path):
+    pytest.importorskip("matplotlib")
+    lines = [dict(iteration=1, step=1, winner_logratio=0.5, loser_logratio=-1.0),
+             dict(iteration=1, win_rate_vs_base=0.6, win_rate_vs_prev=0.6)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    path = sppo.plot_curves(str(tmp_path))
+    assert path and open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
