@@ -33,6 +33,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -1057,7 +1058,8 @@ def prepare_out(cfg: Config, env: Env):
     """The output folder: a new one; or an earlier run's, replaced (--overwrite, our files only) or
     continued (--resume, from the first iteration without a saved iter{t}/). Returns (folder, start)."""
     out = cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-    ours = lambda name: name in ("config.json", "metrics.jsonl", "eval0.json", "work") or name.startswith("iter")
+    ours = lambda name: (name in ("config.json", "metrics.jsonl", "eval0.json", "work", "curves.png")
+                         or re.fullmatch(r"iter\d+(\.tmp)?", name))
     start = 1
     if cfg.resume:
         start = next((t for t in range(1, cfg.iterations + 1) if not os.path.isdir(os.path.join(out, f"iter{t}"))),
@@ -1075,11 +1077,12 @@ def prepare_out(cfg: Config, env: Env):
         os.makedirs(os.path.join(out, "work"), exist_ok=True)
         write_json(os.path.join(out, "config.json"), dataclasses.asdict(cfg), indent=2)
         metrics = os.path.join(out, "metrics.jsonl")
-        if os.path.isfile(metrics):  # keep the lines of finished iterations only
-            lines = [x for x in open(metrics) if json.loads(x)["iteration"] < start]
-            with uninterrupted(), open(metrics + ".tmp", "w") as f:
-                f.writelines(lines)
-            os.replace(metrics + ".tmp", metrics)
+        if os.path.isfile(metrics):  # keep the whole lines of finished iterations only
+            lines = [x for x in open(metrics) if x.endswith("}\n") and json.loads(x)["iteration"] < start]
+            with uninterrupted():
+                with open(metrics + ".tmp", "w") as f:
+                    f.writelines(lines)
+                os.replace(metrics + ".tmp", metrics)
     if env.distributed:
         dist.barrier()
     if start > 1:

@@ -913,11 +913,15 @@ def test_outputs_are_never_clobbered(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
+    (out / "iteration-plan.txt").write_text("mine too")
     r = run_sppo("--out", str(out), *SMALL)
     assert r.returncode == 2 and "--resume" in r.stderr and "--overwrite" in r.stderr
     r = run_sppo("--out", str(out), *SMALL[:1], "1", *SMALL[2:], "--overwrite")
     assert r.returncode == 0, r.stderr[-2000:]
     assert (out / "notes.txt").read_text() == "mine" and (out / "iter1").is_dir()
+    assert (out / "iteration-plan.txt").read_text() == "mine too"
+    r = run_sppo("--out", str(out), *SMALL[:1], "1", *SMALL[2:], "--overwrite", "--seed", "7")  # replaces iter1
+    assert r.returncode == 0 and (out / "notes.txt").exists() and json.loads((out / "config.json").read_text())["seed"] == 7
     r = run_sppo("--resume", str(out), "--eta", "5")
     assert r.returncode == 2 and "--eta 5.0 (saved: 100.0)" in r.stderr
     assert run_sppo("--resume", str(tmp_path)).returncode == 2  # not a run folder
