@@ -368,6 +368,7 @@ def test_real_model_path_with_a_local_checkpoint_and_prompt_file(tmp_path):
     model = tiny_causal_lm("gpt2", tmp_path, vocab=len(tok))
     model.save_pretrained(tmp_path / "policy")
     tok.save_pretrained(tmp_path / "policy")
+    (tmp_path / "policy" / "training_args.bin").write_bytes(pickle.dumps(Trap(tmp_path / "UNPICKLED")))
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"question": f"what is {i}?"}) + "\n" for i in range(12)))
     out = tmp_path / "run"
@@ -381,6 +382,8 @@ def test_real_model_path_with_a_local_checkpoint_and_prompt_file(tmp_path):
     assert len(steps) == 2 and steps[0]["lr"] == 0.0  # 8 prompts / 4 per step; warm-up starts at 0
     trained = AutoModelForCausalLM.from_pretrained(out / "iter1")
     assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), model.state_dict().values()))
+    assert not (tmp_path / "UNPICKLED").exists()  # no pickle in the model folder was opened
+    assert sppo.parse_config(["--model", "x"]).trust_remote_code is False  # hub code only when asked for
 
 
 # ---------------------------------------------------------------------------- pairrm_lite
@@ -1077,3 +1080,21 @@ def test_curves_are_drawn_when_matplotlib_is_installed(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
     path = sppo.plot_curves(str(tmp_path))
     assert path and open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ctrl_c_under_torchrun_ends_every_rank(tmp_path):
+    """Ctrl-C in a terminal reaches torchrun and its workers (one process group): all of them exit."""
+    import time
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             os.path.join(HERE, "sppo.py"), "--out", str(out)], cwd=HERE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text()):  # training has begun
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    t0 = time.time()
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and time.time() - t0 < 30
+    assert "Resume with: python sppo.py --resume" in stderr
