@@ -322,7 +322,9 @@ def sample(model, input_ids, attention_mask, *, max_new_tokens: int, temperature
         token = torch.where(done, pad_token_id, token)                 # finished rows emit padding
         out[:, step] = token
         done |= torch.isin(token, eos)
-        if step == max_new_tokens - 1 or done.all():
+        # done.all() is a host sync, which stalls the GPU's queue of kernels (and a replayed
+        # graph): look every 8 steps; rows that finished meanwhile only emit padding
+        if step == max_new_tokens - 1 or (step % 8 == 7 and done.all()):
             break
         position_ids = position_ids[:, -1:] + 1
         logits = decoder(token[:, None], position_ids)                  # [B, V]
