@@ -334,7 +334,7 @@ def sample(model, input_ids, attention_mask, *, max_new_tokens: int, temperature
 class DynamicDecoder:
     """transformers' growing KV cache; the attention mask grows by one column per step."""
 
-    def __init__(self, model, attention_mask, max_new_tokens: int, cuda_graph: bool = False):
+    def __init__(self, model, attention_mask, max_new_tokens: int, cuda_graph: bool = False):  # StaticDecoder's
         from transformers import DynamicCache
         self.model, self.mask, self.cache = model, attention_mask, DynamicCache(config=model.config)
 
@@ -559,16 +559,16 @@ def train_step(model, opt, batch, cfg: Config, pad_id: int, env: Env) -> list[fl
             logps = sequence_logps(model, ids, mask, resp)                       # [n]
         ref = torch.tensor([it["ref_logp"] for it in chunk], device=env.device)
         wr = torch.tensor([it["win_rate"] for it in chunk], device=env.device)
-        # the step's mean over all ranks' responses; × world because FSDP averages gradients
+        # the step's mean over all ranks' responses (pairs for DPO/IPO); × world: FSDP averages gradients
         loss = batch_loss(cfg.loss, logps, ref, wr, [it["role"] for it in chunk], cfg.eta)
         loss = loss * (weight * env.world / n_units)
         loss.backward()
         sums[0] += loss.item() / env.world
         sums[7] += weight * int(mask.sum())
         for it, r in zip(chunk, (logps - ref).tolist()):
-            k = {"winner": 1, "loser": 4}.get(it["role"])
-            if k and weight:
-                sums[k], sums[k + 1], sums[k + 2] = sums[k] + r, sums[k + 1] + it["win_rate"], sums[k + 2] + 1
+            if weight and it["role"] in ("winner", "loser"):
+                k = 1 if it["role"] == "winner" else 4                  # sums[k: k + 3]: Σ log-ratio, Σ P̂, count
+                sums[k: k + 3] = [sums[k] + r, sums[k + 1] + it["win_rate"], sums[k + 2] + 1]
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))  # measured, not clipped
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP: DTensor
     sums = all_sum(sums, env)
@@ -703,14 +703,18 @@ def run(cfg: Config):
             texts, ids = render(prompts)
             work = os.path.join(out, "work", f"iter{t}")
             # step 1: sample K responses per prompt from π_t
-            clock = time.time()
+            clock, seconds = time.time(), {}
+
+            def lap(stage):  # the seconds since the previous stage ended
+                seconds[stage] = time.time() - clock - sum(seconds.values())
+
             responses = stage(work + ".samples.json", env,
                               lambda: sample_responses(model, tokenizer, ids, cfg, t, env, f"iter {t} sample"))
-            seconds = dict(sample=time.time() - clock)
+            lap("sample")
             # step 2: judge every ordered pair
             M = torch.tensor(stage(work + ".judged.json", env, lambda: judge_all(
                 judge, list(texts), decode(responses), env, f"iter {t} judge").tolist()))  # [N, K, K]
-            seconds["judge"] = time.time() - clock - sum(seconds.values())
+            lap("judge")
             # step 3: win rates against π_t
             wr = win_rates(pairwise_probs(M, cfg.pair_prob))                  # [N, K]
             winners, losers = wr.argmax(-1).tolist(), wr.argmin(-1).tolist()  # first index on ties
@@ -737,13 +741,13 @@ def run(cfg: Config):
                      f"the last good policy is {last}. Lower --lr or --eta")
             if isinstance(judge, torch.nn.Module):
                 judge.to(env.device)
-            seconds["train"] = time.time() - clock - sum(seconds.values())
+            lap("train")
             # evaluate on held-out prompts against the start and against the previous policy
             new = evaluate(f"eval iter {t}")
             vs_base, vs_prev = (win_rate(judge, eval_text, new, base, env), win_rate(judge, eval_text, new, prev, env)) \
                 if held_out else (None, None)
             prev = new
-            seconds["eval"] = time.time() - clock - sum(seconds.values())
+            lap("eval")
             m = dict(iteration=t, win_rate_vs_base=vs_base, win_rate_vs_prev=vs_prev,
                      sample_tokens_per_s=sum(len(r) for row in responses for r in row) / max(seconds["sample"], 1e-9),
                      judge_pairs_per_s=M.shape[0] * cfg.k * (cfg.k - 1) / max(seconds["judge"], 1e-9),
