@@ -50,6 +50,7 @@ class PairRM(nn.Module):
         # Padded tokens per batch. DeBERTa's attention tensors are [B, heads, T, T]: on a CPU, batches
         # beyond ~2k tokens fall out of cache (measured: 24 pairs/s at 4 pairs of ~530 tokens, 11 at 32).
         self.max_batch_tokens = 2048
+        self.batch_size = 32  # pairs per forward, at most
         ids = {name: tokenizer.token_to_id(tok) for name, tok in PREFIXES.items()}
         ids.update(cls=tokenizer.token_to_id("[CLS]"), sep=tokenizer.token_to_id("[SEP]"),
                    pad=tokenizer.token_to_id("[PAD]"))
@@ -134,7 +135,7 @@ class PairRM(nn.Module):
         """Forward all encoded pairs in length-sorted batches (at most batch_size pairs and
         max_batch_tokens padded tokens) padded to the batch's longest pair, not to 2048; results
         come back in the caller's order."""
-        out = torch.empty(len(encoded))
+        out, batch_size = torch.empty(len(encoded)), batch_size or self.batch_size
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
         batches = [[]]
         for i in order:  # the first pair of a batch is its longest
@@ -152,7 +153,7 @@ class PairRM(nn.Module):
             out[idx] = self(ids.to(device), mask.to(device)).cpu()
         return out
 
-    def compare(self, prompts, cands1, cands2, *, both_orders: bool = True, batch_size: int = 32):
+    def compare(self, prompts, cands1, cands2, *, both_orders: bool = True, batch_size: int | None = None):
         """Logit that cands1[n] beats cands2[n]: M[a, b], or with both orders ½(M[a, b] − M[b, a])."""
         pairs = [self.encode_pair(p, a, b) for p, a, b in zip(prompts, cands1, cands2)]
         if not both_orders:
@@ -161,7 +162,7 @@ class PairRM(nn.Module):
         m = self._logits(pairs + swapped, batch_size)
         return (m[: len(pairs)] - m[len(pairs):]) / 2
 
-    def logit_matrices(self, prompts, candidates, batch_size: int = 32):
+    def logit_matrices(self, prompts, candidates, batch_size: int | None = None):
         """M[n, i, j] for every ordered pair i ≠ j of each prompt's K candidates; diagonal 0.
         This is what sppo.pairwise_probs turns into probabilities."""
         K = len(candidates[0])
@@ -195,9 +196,9 @@ def _load_weights(folder: str) -> dict:
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Probability that response A beats response B, by PairRM.")
     p.add_argument("model", help="PairRM folder or hub id (llm-blender/PairRM or llm-blender/PairRM-hf)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--a", required=True)
-    p.add_argument("--b", required=True)
+    p.add_argument("--prompt", required=True, help="the instruction both responses answer (PairRM's source)")
+    p.add_argument("--a", required=True, help="response A")
+    p.add_argument("--b", required=True, help="response B")
     args = p.parse_args()
     rm = PairRM.from_pretrained(args.model)
     logit = rm.compare([args.prompt], [args.a], [args.b])[0]

