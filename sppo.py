@@ -815,8 +815,11 @@ def load_policy(path: str, cfg: Config, env: Env):
              "tokenizer_config.json")
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     disable_dropout(model)
-    if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.grad_checkpointing:  # non-reentrant; transformers 5.2x renamed gradient_checkpointing_enable
+        if enable := getattr(model, "activation_checkpointing_enable", None):
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     shard(model, env) if env.distributed else model.to(env.device)
     return model.eval(), tokenizer
 
