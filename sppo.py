@@ -23,7 +23,7 @@ from aggregated PairRM scores); `--pairs all --pair-prob paper` is the paper's A
     python sppo.py --model mistral-7b --dry-run             # the recipe and the memory plan
     python sppo.py --demo nash                              # exact SPPO on a cyclic game vs Bradley-Terry
 """
-import argparse, dataclasses, hashlib, inspect, json, math, os, re, shutil, signal, sys, threading, time
+import argparse, dataclasses, difflib, hashlib, inspect, json, math, os, re, shutil, signal, sys, threading, time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Literal, Optional, get_args, get_type_hints
@@ -90,7 +90,7 @@ class Config:
     demo: Optional[str] = arg(None, "'nash': exact SPPO on a 3-response cyclic game vs Bradley-Terry (η 0.2, 1000 iterations)")
 
 PRESETS = {  # overrides of the authors' defaults
-    # A ~0.1M-parameter model needs a large η: P̂ − ½ has a spread (std) of 0.2, so η = 5 gives
+    # A 0.14M-parameter model needs a large η: P̂ − ½ has a spread (std) of 0.2, so η = 5 gives
     # targets of a nat and win rates of 0.68 after 3 iterations, η = 100 of 0.99.
     "tiny": dict(prompts="builtin", judge="toy", k=8, max_new_tokens=24, temperature=1.0, top_p=1.0, eta=100.0, lr=3e-3,
                  optimizer="adamw", epochs=3, batch_size=8, pairs="all", grad_checkpointing=False, sample_batch_size=32,
@@ -832,7 +832,7 @@ def render_all(tokenizer, prompts: list[str], limit: int):
     return texts, [x[-limit:] for x in ids]
 
 def tiny_model(seed: int):
-    """A random 2-layer Llama (~0.1M parameters) that learns the toy judge in seconds on a CPU, and
+    """A random 2-layer Llama (0.14M parameters) that learns the toy judge in seconds on a CPU, and
     its tokenizer: one token per printable ASCII character (plus newline), built in code."""
     from tokenizers import Tokenizer, decoders, models
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -867,6 +867,8 @@ def load_prompts(cfg: Config, t: int) -> list[str]:
         ext = os.path.splitext(source)[1].lower()
         if ext in kinds and not os.path.isfile(source):
             fail(f"prompt file '{source}' not found: check --prompts")
+        if ext in kinds and not open(source, "rb").read(4096).strip():
+            fail(f"prompt file '{source}' is empty: it needs one prompt per row, in a field named --prompt-field")
         try:
             ds = (datasets.load_dataset(kinds[ext], data_files=source, split="train") if ext in kinds
                   else datasets.load_dataset(source, split=cfg.prompt_split))
@@ -892,8 +894,8 @@ def load_prompt_sets(cfg: Config, env: Env):
     if env.world > len(first):
         fail(f"{env.world} processes but only {len(first)} prompts: use fewer processes or more prompts")
     if (n_eval := min(cfg.eval_prompts, len(first) // 4)) < cfg.eval_prompts:
-        warn(f"holding out {n_eval} of the {len(first)} prompts for evaluation, not --eval-prompts "
-             f"{cfg.eval_prompts}: at most a quarter of them")
+        warn(f"holding out {n_eval} of the {len(first)} prompts for evaluation, not --eval-prompts {cfg.eval_prompts}: "
+             "at most a quarter of them" + ("; evaluation is off" if n_eval == 0 else ""))
     held_out = first[len(first) - n_eval:]
     train = {t: [p for p in sets.get(t, first) if p not in set(held_out)] for t in range(1, cfg.iterations + 1)}
     if empty := [t for t, s in train.items() if not s]:
@@ -966,11 +968,12 @@ def plot_curves(out: str):
     ms = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     iters, steps = [m for m in ms if m.get("win_rate_vs_base") is not None], [m for m in ms if "step" in m]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, x, keys in ((left, [m["iteration"] for m in iters], ("win_rate_vs_base", "win_rate_vs_prev")),
-                        (right, range(1, len(steps) + 1), ("winner_logratio", "loser_logratio"))):
-        for key in keys:
-            ax.plot(x, [m[key] for m in (iters if ax is left else steps)], "o-" if ax is left else "-", label=key)
-        ax.axhline(0.5 if ax is left else 0, color="grey", lw=0.5)
+    for key in ("win_rate_vs_base", "win_rate_vs_prev"):
+        left.plot([m["iteration"] for m in iters], [m[key] for m in iters], "o-", label=key)
+    for key in ("winner_logratio", "loser_logratio"):
+        right.plot(range(1, len(steps) + 1), [m[key] for m in steps], label=key)
+    for ax, y in ((left, 0.5), (right, 0)):
+        ax.axhline(y, color="grey", lw=0.5)
         ax.legend()
     left.set(xlabel="iteration", ylabel="held-out win rate", title="SPPO iterates", xticks=[m["iteration"] for m in iters])
     right.set(xlabel="optimiser step (all iterations)", ylabel="log π_θ(y|x) − log π_t(y|x)", title="log-ratios")
@@ -1019,6 +1022,8 @@ def claim(cfg: Config):
     if cfg.resume:
         start = next((t for t in range(1, cfg.iterations + 1) if not os.path.isdir(os.path.join(out, f"iter{t}"))),
                      cfg.iterations + 1)
+        if start > cfg.iterations:
+            fail(f"{out} has finished its {cfg.iterations} iterations: pass --iterations {cfg.iterations + 1} or more to extend it")
         say0(f"resuming {out} at iteration {start}")
         if os.path.isfile(metrics := os.path.join(out, "metrics.jsonl")):  # keep finished iterations' lines
             write_text(metrics, "".join(x for x in open(metrics) if x.endswith("}\n") and json.loads(x)["iteration"] < start))
@@ -1144,10 +1149,16 @@ RULES = {  # what each value must be, checked before anything is read or loaded:
     "demo": (lambda v, c: v in (None, "nash"), "nash, the only demo"),
 }
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other input error, with the nearest flag for a typo
+        near = [m for w in message.split() if w.startswith("--")
+                for m in difflib.get_close_matches(w.split("=")[0], self._option_string_actions, 1)]
+        fail(message + (f": did you mean {near[0]}?" if near else "") + " (python sppo.py --help lists the flags)")
+
 def parse_config(argv=None) -> Config:
     """Flags come from Config's fields. Precedence: the authors' default < preset < explicit flag.
     --help shows what a plain run uses: the tiny preset over the authors' defaults."""
-    p = argparse.ArgumentParser(description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
         kind, tiny = get_type_hints(Config)[f.name], PRESETS["tiny"].get(f.name)
         kw = dict(default=None, help=f.metadata["help"] + (f" (default: {tiny}, from the tiny preset)" if tiny is not None
@@ -1161,6 +1172,8 @@ def parse_config(argv=None) -> Config:
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     preset = lambda name: {"model": name, **PRESETS.get(name, {})}  # a preset name fills in the id and recipe
     if "resume" in given:  # the saved config, and every flag given must agree with it
+        if given.get("out", given["resume"]) != given["resume"]:
+            fail(f"--resume {given['resume']} continues that folder in place: drop --out {given['out']}")
         if not os.path.isfile(path := os.path.join(given["resume"], "config.json")):
             fail(f"--resume {given['resume']}: no config.json there, so it is not an sppo run folder")
         saved = {k: v for k, v in read_json(path).items() if k in {f.name for f in dataclasses.fields(Config)}}
@@ -1173,7 +1186,11 @@ def parse_config(argv=None) -> Config:
     elif "demo" in given:
         cfg = Config(**{"eta": 0.2, "iterations": 1000, **given})
     else:
-        cfg = Config(**{**preset(given.pop("model", Config.model)), **given})
+        name = given.pop("model", Config.model)
+        near = difflib.get_close_matches(name, PRESETS, 1) if "/" not in name and not os.path.exists(name) else []
+        if name not in PRESETS and near:  # a typo, not a hub id (those have a "/")
+            fail(f"--model {name} is not a preset or a folder: did you mean {near[0]}?")
+        cfg = Config(**{**preset(name), **given})
     for name, (ok, rule) in RULES.items():
         if not ok(getattr(cfg, name), cfg):
             fail(f"--{name.replace('_', '-')} {getattr(cfg, name)}: it must be {rule}")

@@ -1337,6 +1337,9 @@ def test_outputs_are_never_clobbered(tmp_path, capsys):
     assert main_exit("--resume", str(out), "--eta", "5") == 2
     assert "--eta 5.0 (saved: 100.0)" in capsys.readouterr().err
     assert main_exit("--resume", str(tmp_path)) == 2  # not a run folder
+    capsys.readouterr()
+    assert main_exit("--resume", str(out)) == 2  # finished: nothing to resume
+    assert "has finished its 1 iterations: pass --iterations 2 or more to extend it" in capsys.readouterr().err
 
 
 def write_policy_without_eos(folder):
@@ -1368,6 +1371,7 @@ def test_bad_inputs_get_one_line_and_exit_code_2(tmp_path, capsys):
     (tmp_path / "empty.jsonl").write_text(json.dumps({"prompt": ""}) + "\n" + json.dumps({"prompt": "  "}) + "\n")
     (tmp_path / "numbers.jsonl").write_text("".join(json.dumps({"prompt": i}) + "\n" for i in range(5)))
     (tmp_path / "broken.parquet").write_bytes(b"this is not parquet")
+    (tmp_path / "blank.jsonl").write_text("\n")
     (tmp_path / "neither").mkdir()
     (tmp_path / "neither" / "config.json").write_text('{"model_type": "bert"}')
     write_policy_without_eos(tmp_path / "no_eos")
@@ -1398,6 +1402,10 @@ def test_bad_inputs_get_one_line_and_exit_code_2(tmp_path, capsys):
         "prompt longer than the whole": (["--max-length", "64"], "--max-length 64: it must be above --max-prompt-length"),
         "unknown demo": (["--demo", "chess"], "--demo chess: it must be nash"),
         "pair loss on all K": (["--loss", "dpo"], "--loss dpo: it must be sppo, or used with --pairs winner-loser"),
+        "empty prompt file": (["--prompts", str(tmp_path / "blank.jsonl")], "is empty: it needs one prompt per row"),
+        "misspelled flag": (["--itertions", "2"], "unrecognized arguments: --itertions 2: did you mean --iterations?"),
+        "misspelled preset": (["--model", "smollm2"], "--model smollm2 is not a preset or a folder: did you mean smollm2-135m?"),
+        "resume into another folder": (["--resume", str(tmp_path / "elsewhere")], "continues that folder in place: drop --out"),
     }
     for name, (args, message) in cases.items():
         with pytest.raises(SystemExit) as e:
