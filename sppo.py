@@ -55,7 +55,7 @@ class Config:
     iterations: int = arg(3, "T, number of SPPO iterations (authors: 3)")
     k: int = arg(5, "K, responses sampled per prompt (authors: 5)")
     max_new_tokens: int = arg(2048, "sampling budget per response (authors: 2048)")
-    temperature: float = arg(0.7, "sampling temperature; 0 = greedy (authors: 0.7)")
+    temperature: float = arg(0.7, "sampling temperature, above 0 (authors: 0.7)")
     top_p: float = arg(0.9, "nucleus sampling mass (authors: 0.9)")
     max_length: int = arg(1024, "max prompt+response tokens in training (authors: 1024)")
     max_prompt_length: int = arg(512, "if too long keep the prompt's last N tokens, then cut the response (authors: 512)")
@@ -307,6 +307,8 @@ def sample(model, input_ids, attention_mask, *, max_new_tokens: int, temperature
     logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1,
                    **cache_kwargs(model, cache)).logits[:, -1].repeat_interleave(k, 0)  # [B, V]
     mask, position_ids = attention_mask.repeat_interleave(k, 0), position_ids[:, -1:].repeat_interleave(k, 0)
+    # a static cache for a sliding window decides "full" with a Python int, which a captured graph would freeze
+    static = static and (getattr(model.config, "sliding_window", None) or math.inf) >= mask.shape[1] + max_new_tokens
     decoder = (StaticDecoder if static else DynamicDecoder)(model, cache, k, mask, max_new_tokens, cuda_graph)
     del cache  # the decoder holds what it needs (a static one, a copy)
     eos = torch.tensor(eos_token_id, device=device).view(-1)            # Llama 3 has two EOS ids
@@ -490,10 +492,12 @@ def sequence_logps(model, input_ids, attention_mask, response_mask, chunk_logits
     return torch.zeros(len(at), device=logps.device).index_add(0, rows, logps)  # [B]
 
 def token_logps(head, hidden, target, config):
-    """log softmax(head(hidden))[target] in fp32, with Gemma 2's logit soft-capping where it applies."""
+    """log softmax(head(hidden))[target] in fp32, with the logit soft-capping (Gemma 2) or scaling (Granite, Cohere)
+    that the model's own forward applies."""
     logits = head(hidden).float()                                        # [n, V]
     if cap := getattr(config, "final_logit_softcapping", None):
         logits = cap * torch.tanh(logits / cap)
+    logits = logits / getattr(config, "logits_scaling", 1.0) * getattr(config, "logit_scale", 1.0)  # Granite, Cohere
     return logits.log_softmax(-1).gather(-1, target[:, None]).squeeze(-1)  # [n]; its backward: 1.3× logsumexp's
 
 def sppo_loss(policy_logps, ref_logps, win_rates, eta: float):
@@ -813,6 +817,8 @@ def load_policy(path: str, cfg: Config, env: Env):
     if tokenizer.eos_token_id is None:
         fail(f"the tokenizer of {path} has no EOS token, so responses could never end: set eos_token in its "
              "tokenizer_config.json")
+    if cfg.max_new_tokens >= (context := getattr(model.config, "max_position_embeddings", None) or math.inf):
+        fail(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in {path}'s context of {context} tokens: lower it")
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     disable_dropout(model)
     if cfg.grad_checkpointing:  # non-reentrant; transformers 5.2x renamed gradient_checkpointing_enable
@@ -993,11 +999,11 @@ def prepare_out(cfg: Config, env: Env):
     if env.rank == 0:
         try:
             result = [claim(cfg)]
-        except UserError as e:
+        except BaseException as e:  # every rank must leave the broadcast: a bad --out, a full disk, Ctrl-C
             result = [e]
     if env.distributed:
         dist.broadcast_object_list(result)
-    if isinstance(result[0], UserError):
+    if isinstance(result[0], BaseException):
         raise result[0]
     return result[0]
 
@@ -1011,13 +1017,14 @@ def claim(cfg: Config):
         tmp = os.path.join(os.path.dirname(os.path.abspath(out)), f".sppo-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(os.path.join(tmp, "work"))
+        hold(tmp)  # locked before the folder has its name; the lock moves with it
         config(tmp)
         try:
             os.rename(tmp, out)  # replaces an empty folder; fails if another run has just filled it
         except OSError:
             shutil.rmtree(tmp)
             fail(f"--out {out} was just created by another run: pick another --out")
-        return hold(out), start
+        return out, start
     hold(out)
     if cfg.resume:
         start = next((t for t in range(1, cfg.iterations + 1) if not os.path.isdir(os.path.join(out, f"iter{t}"))),
@@ -1092,10 +1099,11 @@ def stage(path: str, env: Env, compute):
 @contextmanager
 def uninterrupted():
     """Defer Ctrl-C and SIGTERM until the block (an atomic write) is done: an interrupt never costs a file."""
-    if threading.current_thread() is not threading.main_thread():
-        return (yield)
+    if threading.current_thread() is not threading.main_thread() or getattr(signal.getsignal(signal.SIGINT), "defers", 0):
+        return (yield)  # inside another atomic write (a save writing its files): the outermost one delivers the signal
     caught = []
-    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    (defer := lambda signum, frame: caught.append(signum)).defers = 1
+    previous = {s: signal.signal(s, defer) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
@@ -1112,6 +1120,8 @@ def write_text(path: str, text: str):
     with uninterrupted():
         with open(path + ".tmp", "w") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a crashed node never leaves an empty "finished" stage
         os.replace(path + ".tmp", path)
 
 def write_json(path: str, obj, indent=None): write_text(path, json.dumps(obj, indent=indent))
@@ -1139,10 +1149,10 @@ RULES = {  # what each value must be, checked before anything is read or loaded:
     "k": (lambda v, c: v >= 2, "at least 2: SPPO compares responses"),
     "num_prompts": (lambda v, c: v is None or v >= 1, "at least 1 (leave it out to use all)"),
     "eval_prompts": (lambda v, c: v >= 0, "0 (no evaluation) or more"),
-    "temperature": (lambda v, c: v >= 0, "0 (greedy) or more"),
+    "temperature": (lambda v, c: 0 < v < math.inf, "above 0: K greedy responses would all be the same"),
     "top_p": (lambda v, c: 0 < v <= 1, "above 0 and at most 1"),
     "max_length": (lambda v, c: v > c.max_prompt_length, "above --max-prompt-length"),
-    **{name: (lambda v, c: v > 0, "positive") for name in ("eta", "lr")},
+    **{name: (lambda v, c: 0 < v < math.inf, "positive and finite") for name in ("eta", "lr")},
     "warmup_ratio": (lambda v, c: 0 <= v < 1, "at least 0 and below 1"),
     "grad_accum": (lambda v, c: v >= 1 and c.batch_size % v == 0, "at least 1, and divide --batch-size"),
     "loss": (lambda v, c: v == "sppo" or c.pairs == "winner-loser", "sppo, or used with --pairs winner-loser"),
@@ -1152,7 +1162,7 @@ RULES = {  # what each value must be, checked before anything is read or loaded:
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, like every other input error, with the nearest flag for a typo
         near = [m for w in message.split() if w.startswith("--")
-                for m in difflib.get_close_matches(w.split("=")[0], self._option_string_actions, 1)]
+                for m in difflib.get_close_matches(w.split("=")[0], self._option_string_actions, 1) if m != w]
         fail(message + (f": did you mean {near[0]}?" if near else "") + " (python sppo.py --help lists the flags)")
 
 def parse_config(argv=None) -> Config:

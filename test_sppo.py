@@ -262,16 +262,19 @@ def full_logits_logps(model, ids, mask, resp):
     return (logps * resp[:, 1:]).sum(-1)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma2"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma2", "granite", "cohere"])
 def test_log_probs_at_response_positions_in_chunks_equal_the_full_logits(arch, tmp_path):
     """Values and gradients, with chunks of one token (chunk_logits = vocabulary) and of all tokens.
-    gemma2: its logits are soft-capped, which the chunked head must apply too."""
-    if arch == "gemma2":
-        from transformers import AutoModelForCausalLM, Gemma2Config
+    gemma2: its logits are soft-capped, granite's divided and cohere's multiplied by a scale, which the chunked
+    head must apply too."""
+    if arch in ("gemma2", "granite", "cohere"):
+        import transformers
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(Gemma2Config(
+        config = dict(gemma2=("Gemma2Config", dict(head_dim=8, final_logit_softcapping=2.0)),
+                      granite=("GraniteConfig", dict(logits_scaling=4.0)), cohere=("CohereConfig", dict(logit_scale=0.5)))[arch]
+        model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, config[0])(
             vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=8, final_logit_softcapping=2.0, initializer_range=0.3))
+            num_key_value_heads=2, initializer_range=0.3, **config[1]))
     else:
         model = tiny_causal_lm(arch, tmp_path)
     items = [dict(prompt=[5, 6, 7], response=[10, 11]), dict(prompt=[9], response=[12, 13, 14, 2])]
@@ -1387,7 +1390,7 @@ def test_bad_inputs_get_one_line_and_exit_code_2(tmp_path, capsys):
         "judge of neither layout": (["--judge", str(tmp_path / "neither")], "neither PairRM layout"),
         "tokenizer without EOS": (["--model", str(tmp_path / "no_eos"), *offline], "has no EOS token"),
         "K < 2": (["--k", "1"], "--k 1: it must be at least 2"),
-        "eta <= 0": (["--eta", "-1"], "--eta -1.0: it must be positive"),
+        "eta <= 0": (["--eta", "-1"], "--eta -1.0: it must be positive and finite"),
         "batch not divisible": (["--batch-size", "8", "--grad-accum", "3"], "--grad-accum 3: it must be at least 1, and divide"),
         "batch size 0": (["--batch-size", "0"], "--batch-size 0: it must be at least 1"),
         "grad-accum 0": (["--grad-accum", "0"], "--grad-accum 0: it must be at least 1"),
@@ -1395,7 +1398,10 @@ def test_bad_inputs_get_one_line_and_exit_code_2(tmp_path, capsys):
         "no new tokens": (["--max-new-tokens", "0"], "--max-new-tokens 0: it must be at least 1"),
         "top-p 0": (["--top-p", "0"], "--top-p 0.0: it must be above 0 and at most 1"),
         "top-p 1.5": (["--top-p", "1.5"], "--top-p 1.5: it must be above 0 and at most 1"),
-        "negative temperature": (["--temperature", "-1"], "--temperature -1.0: it must be 0 (greedy) or more"),
+        "negative temperature": (["--temperature", "-1"], "--temperature -1.0: it must be above 0"),
+        "greedy K samples": (["--temperature", "0"], "--temperature 0.0: it must be above 0: K greedy responses"),
+        "infinite lr": (["--lr", "inf"], "--lr inf: it must be positive and finite"),
+        "budget beyond the context": (["--max-new-tokens", "300", "--max-length", "400"], "--max-new-tokens 300 leaves no room"),
         "no epochs": (["--epochs", "0"], "--epochs 0: it must be at least 1"),
         "negative eval": (["--eval-prompts", "-1"], "--eval-prompts -1: it must be 0"),
         "no prompts asked": (["--num-prompts", "0"], "--num-prompts 0: it must be at least 1"),
@@ -1511,6 +1517,19 @@ def test_nash_demo_average_converges_and_bradley_terry_does_not(capsys):
     r = subprocess.run([sys.executable, os.path.join(HERE, "sppo.py"), "--demo", "nash", "--iterations", "50"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "     50 " in r.stdout
+
+
+def test_an_interrupt_in_nested_atomic_writes_waits_for_the_outermost():
+    """save() holds Ctrl-C for a whole checkpoint while write_text holds it for each file inside: a signal that
+    arrives in the inner block must let the outer block finish (its rename) before it is raised."""
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with sppo.uninterrupted():
+            with sppo.uninterrupted():
+                os.kill(os.getpid(), signal.SIGINT)
+                done.append("inner")
+            done.append("outer")  # the rename of the checkpoint folder
+    assert done == ["inner", "outer"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_curves_are_optional(tmp_path, monkeypatch, capsys):
