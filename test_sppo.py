@@ -1293,7 +1293,7 @@ sppo.train_step = interrupt"""
 
 
 def test_ctrl_c_waits_for_an_atomic_write():
-    done = []
+    done, before = [], signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         with sppo.uninterrupted():
             os.kill(os.getpid(), signal.SIGINT)  # delivered now, acted on after the block
@@ -1522,14 +1522,14 @@ def test_nash_demo_average_converges_and_bradley_terry_does_not(capsys):
 def test_an_interrupt_in_nested_atomic_writes_waits_for_the_outermost():
     """save() holds Ctrl-C for a whole checkpoint while write_text holds it for each file inside: a signal that
     arrives in the inner block must let the outer block finish (its rename) before it is raised."""
-    done = []
+    done, before = [], signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         with sppo.uninterrupted():
             with sppo.uninterrupted():
                 os.kill(os.getpid(), signal.SIGINT)
                 done.append("inner")
             done.append("outer")  # the rename of the checkpoint folder
-    assert done == ["inner", "outer"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert done == ["inner", "outer"] and signal.getsignal(signal.SIGINT) is before  # the handler is back
 
 
 def test_curves_are_optional(tmp_path, monkeypatch, capsys):
