@@ -273,14 +273,13 @@ def next_token(logits, temperature: float, top_p: float, u):
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)         # [B, V]
     token = inverse_cdf(probs, u[:, 0])                                 # [B]
-    rows = torch.arange(len(probs), device=probs.device)
+    rows, p = torch.arange(len(probs), device=probs.device), probs      # the rows still drawing, [b], [b, V]
     for r in range(1, ROUNDS + 1 if top_p < 1 else 1):
-        p = probs[rows]                                                 # [b, V] rows still drawing
         above = (p * (p > p.gather(-1, token[rows, None]))).sum(-1)     # mass strictly more probable
-        rows = rows[above >= top_p]                                     # outside the nucleus: again
+        outside = above >= top_p                                        # not in the nucleus: draw again
+        rows, p = rows[outside], p[outside]
         if len(rows) == 0:  # (a host sync on a GPU; the sort it saves costs more)
             break
-        p = probs[rows]
         token[rows] = inverse_cdf(p if r < ROUNDS else p * nucleus(p, top_p), u[rows, r])
     return token
 
@@ -627,14 +626,14 @@ def run(cfg: Config):
         out, start = prepare_out(cfg, env)  # start: the first iteration that an earlier run did not finish
         # π_1 is the base model, or on --resume the policy that the last finished iteration saved
         model, tokenizer = policy or load_policy(cfg.model if start == 1 else os.path.join(out, f"iter{start - 1}"), cfg, env)
-        context = getattr(model.config, "max_position_embeddings", None) or 10**9
-        render = lambda ps: render_all(tokenizer, ps, context - cfg.max_new_tokens)
+        render = lambda ps: render_all(tokenizer, ps, context_length(model) - cfg.max_new_tokens)
         decode = lambda rs: [[tokenizer.decode(r, skip_special_tokens=True) for r in row] for row in rs]
         eval_text, eval_ids = render(held_out) if held_out else ((), ())
         evaluate = lambda desc: decode(sample_responses(model, tokenizer, eval_ids, cfg, -1, env, desc))
         with timed("eval", {}, cfg, out):
             base = stage(os.path.join(out, "eval0.json"), env, lambda: evaluate("eval iter 0"))
-        prev, log = base if start == 1 else read_json(os.path.join(out, f"iter{start - 1}", "eval.json")), metrics_log(out, env)
+        prev = base if start == 1 else read_json(os.path.join(out, f"iter{start - 1}", "eval.json"))
+        log = metrics_log(out, env)
         for t in range(start, cfg.iterations + 1):
             prompts, seconds, t0, work = prompt_sets[t], {}, time.time(), os.path.join(out, "work", f"iter{t}")
             texts, ids = render(prompts)
@@ -652,14 +651,16 @@ def run(cfg: Config):
                 new = evaluate(f"eval iter {t}")
                 vs_base = win_rate(judge, eval_text, new, base, env) if held_out else None
                 vs_prev = vs_base if prev is base else win_rate(judge, eval_text, new, prev, env) if held_out else None
-            log(**(m := dict(iteration=t, win_rate_vs_base=vs_base, win_rate_vs_prev=vs_prev,
-                             sample_tokens_per_s=sum(len(r) for row in responses for r in row) / max(seconds["sample"], 1e-9),
-                             judge_pairs_per_s=M.shape[0] * cfg.k * (cfg.k - 1) / max(seconds["judge"], 1e-9),
-                             train_tokens_per_s=train_tps, seconds=time.time() - t0, skipped_prompts=len(prompts) - len(groups),
-                             **{f"{k}_seconds": v for k, v in seconds.items()})))
+            m = dict(iteration=t, win_rate_vs_base=vs_base, win_rate_vs_prev=vs_prev,
+                     sample_tokens_per_s=sum(len(r) for row in responses for r in row) / max(seconds["sample"], 1e-9),
+                     judge_pairs_per_s=M.shape[0] * cfg.k * (cfg.k - 1) / max(seconds["judge"], 1e-9),
+                     train_tokens_per_s=train_tps, seconds=time.time() - t0, skipped_prompts=len(prompts) - len(groups),
+                     **{f"{k}_seconds": v for k, v in seconds.items()})
+            log(**m)
             rows = [dict(prompt=p, responses=r, logits=M[i].tolist(), win_rates=P_hat[i].tolist(), winner=winners[i],
                          loser=losers[i]) for i, (p, r) in enumerate(zip(prompts, decode(responses)))]
-            prev = save(model, tokenizer, os.path.join(out, f"iter{t}"), rows, new, env)
+            save(model, tokenizer, os.path.join(out, f"iter{t}"), rows, new, env)
+            prev = new
             for suffix in (".samples.json", ".judged.json") if env.rank == 0 else ():  # saved: no longer needed
                 os.remove(work + suffix)
             if env.rank == 0:
@@ -716,10 +717,10 @@ def win_rate(judge, prompts: list[str], a: list[list[str]], b: list[list[str]], 
     pairs = [[x, y] for ra, rb in zip(a, b) for x, y in zip(ra, rb)]
     return pairwise_probs(judge_all(judge, src, pairs, env, "eval judge"), "paper")[:, 0, 1].mean().item()
 
-def save(model, tokenizer, path: str, samples: list, held_out: list, env: Env) -> list:
+def save(model, tokenizer, path: str, samples: list, held_out: list, env: Env):
     """π_{t+1} in Hugging Face format (safetensors) with its tokenizer, the iteration's samples and held-out
     responses, written to a temporary folder first and renamed: a crash never leaves half a checkpoint. Under FSDP
-    every rank helps assemble the full state dict; rank 0 writes it. Returns held_out."""
+    every rank helps assemble the full state dict; rank 0 writes it."""
     state = None
     if env.distributed:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -736,7 +737,6 @@ def save(model, tokenizer, path: str, samples: list, held_out: list, env: Env) -
             os.replace(tmp, path)
     if env.distributed:
         dist.barrier()  # nobody reads or moves on before the checkpoint exists
-    return held_out
 
 # ----------------------------------------------------------------------------------------
 # Demo (--demo nash): why self-play, not Bradley-Terry. The exact SPPO update on a game of three
@@ -817,7 +817,7 @@ def load_policy(path: str, cfg: Config, env: Env):
     if tokenizer.eos_token_id is None:
         fail(f"the tokenizer of {path} has no EOS token, so responses could never end: set eos_token in its "
              "tokenizer_config.json")
-    if cfg.max_new_tokens >= (context := getattr(model.config, "max_position_embeddings", None) or math.inf):
+    if cfg.max_new_tokens >= (context := context_length(model)):
         fail(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in {path}'s context of {context} tokens: lower it")
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     disable_dropout(model)
@@ -828,6 +828,9 @@ def load_policy(path: str, cfg: Config, env: Env):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     shard(model, env) if env.distributed else model.to(env.device)
     return model.eval(), tokenizer
+
+def context_length(model) -> int:  # positions the model has for a prompt and its response (unbounded: 10⁹)
+    return getattr(model.config, "max_position_embeddings", None) or 10**9
 
 def render_all(tokenizer, prompts: list[str], limit: int):
     """Rendered texts and ids; a prompt longer than limit (the context minus the sampling budget)
@@ -1044,7 +1047,7 @@ def claim(cfg: Config):
     os.makedirs(os.path.join(out, "work"), exist_ok=True)
     return out, start
 
-def hold(out: str) -> str:
+def hold(out: str):
     """Lock DIR/sppo.lock for the life of this process (the OS lets go when the process ends, however it ends:
     no stale lock is left), or fail naming the process that holds it."""
     global held
@@ -1058,7 +1061,6 @@ def hold(out: str) -> str:
     held.truncate(0)
     held.write(f"{os.getpid()}\n")
     held.flush()
-    return out
 
 OOM_FIX = {"sample": ("sampling", "sample-batch-size"), "eval": ("evaluating", "sample-batch-size"),
            "judge": ("judging", "judge-batch-size"), "train": ("training", "grad-accum")}
