@@ -387,7 +387,7 @@ class StaticDecoder:
                 self.logits = self.forward()
             self.graph = graph
         except RuntimeError as e:
-            print(f"sppo: warning: CUDA graph capture failed ({e}); decoding without it", file=sys.stderr)
+            warn(f"CUDA graph capture failed ({e}); decoding without it")
             self.cuda_graph = False
 
 def strip_response(tokens: list[int], eos_ids: list[int]) -> list[int]:
@@ -821,13 +821,15 @@ def load_policy(path: str, cfg: Config, env: Env):
         fail(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in {path}'s context of {context} tokens: lower it")
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     disable_dropout(model)
-    if cfg.grad_checkpointing:  # non-reentrant; transformers 5.2x renamed gradient_checkpointing_enable
-        if enable := getattr(model, "activation_checkpointing_enable", None):
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.grad_checkpointing:
+        checkpoint_layers(model)
     shard(model, env) if env.distributed else model.to(env.device)
     return model.eval(), tokenizer
+
+def checkpoint_layers(model):  # activations recomputed in backward, non-reentrant (5.2x renamed the method)
+    if enable := getattr(model, "activation_checkpointing_enable", None):
+        return enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 def context_length(model) -> int:  # positions the model has for a prompt and its response (unbounded: 10⁹)
     return getattr(model.config, "max_position_embeddings", None) or 10**9

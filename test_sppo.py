@@ -983,9 +983,7 @@ def trl_comparison_worker(contender: str, accum: int = 1, ckpt: bool = False, pa
     rows = [(ids(40), ids(72), ids(72)) for _ in range(pairs * steps)]
     model, times = bench_llama("60m").train(), []
     if ckpt and contender != "trl":
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        enable(activation_checkpointing_kwargs={"use_reentrant": False}) if enable else \
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        sppo.checkpoint_layers(model)
     if contender == "trl":
         import datasets
         from tokenizers import Tokenizer, models, pre_tokenizers
@@ -1716,7 +1714,7 @@ cfg = sppo.Config(batch_size=8, grad_checkpointing=ckpt, eta=1000.0, lr=5e-7, ma
 env = sppo.setup(cfg)                                         # torchrun: NCCL, one process
 model = test_sppo.llama_1b()
 if ckpt:
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={{"use_reentrant": False}})
+    sppo.checkpoint_layers(model)
 sppo.disable_dropout(model)
 sppo.shard(model, env)                                        # FSDP2: fp32 master weights, bf16 compute
 model.train()
