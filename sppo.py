@@ -469,26 +469,49 @@ def training_set(prompt_ids, responses, P_hat, cfg: Config):
 # ----------------------------------------------------------------------------------------
 # Algorithm 1, step 4: the SPPO loss and the update θ_t -> θ_{t+1}.
 
-def sequence_logps(model, input_ids, attention_mask, response_mask, chunk_logits: int = 2**24):
-    """log π(y|x) = Σ over response tokens of log π(y_n | x, y_<n), in fp32. Only tokens where response_mask is 1
-    count: the prompt is given, not chosen, and padding is not text. So the LM head and the log-softmax run at
-    response positions only, ~chunk_logits logits at a time, recomputed in the backward pass: the [tokens ×
-    vocabulary] fp32 logits never exist (at Llama 3's 128k vocabulary, 10 bytes × 16k tokens × 128k = 20 GiB)."""
+def sequence_logps(model, input_ids, segment, chunk_logits: int = 2**24):
+    """log π(y|x) = Σ over response tokens of log π(y_n | x, y_<n), in fp32, for each response in the rows that
+    collate() makes: a prompt once, then its responses (segment: 0 prompt, i + 1 the batch's i-th response, −1
+    padding). Each response sees its prompt and itself, never its neighbours, and continues the prompt's positions,
+    so its log-prob is the one of prompt + response alone; the prompt's body pass is shared by all its responses.
+    Only response tokens count: the prompt is given, not chosen, and padding is not text. So the LM head and the
+    log-softmax run at response positions only, ~chunk_logits logits at a time, recomputed in the backward pass:
+    the [tokens × vocabulary] fp32 logits never exist (at Llama 3's 128k vocabulary, 10 B × 16k tokens × 128k =
+    20 GiB). Returns [number of responses]."""
+    (G, T), idx = input_ids.shape, torch.arange(input_ids.shape[1], device=input_ids.device)
+    prompt_len = (segment == 0).sum(-1, keepdim=True)                    # [G, 1]
+    first = segment != F.pad(segment, (1, 0), value=-2)[:, :-1]          # [G, T]: a segment's first token
+    start = (idx * first).cummax(-1).values                              # [G, T]: where each token's segment starts
+    position_ids = torch.where(segment > 0, prompt_len + idx - start, idx) * (segment >= 0)  # [G, T]
     seen = []  # the base model's output: the last hidden states, after the final norm
     hook = model.base_model.register_forward_hook(lambda module, args, out: seen.append(out[0]))
     try:
-        model(input_ids, attention_mask=attention_mask, position_ids=(attention_mask.cumsum(-1) - 1).clamp_min(0),
-              use_cache=False, logits_to_keep=1)
+        model(input_ids, attention_mask=segment_mask(model, segment), position_ids=position_ids, use_cache=False,
+              logits_to_keep=1)
     finally:
         hook.remove()
-    at = response_mask[:, 1:].bool()                                     # position n predicts token n+1
-    hidden, target = seen[0][:, :-1][at], input_ids[:, 1:][at]           # [N, H], [N]: response tokens only
+    at = segment > 0                                                     # response tokens, [G, T]
+    prev = torch.where(first, prompt_len - 1, idx - 1)                   # the position that predicts each token
+    rows = torch.arange(G, device=at.device)[:, None].expand_as(at)[at]  # [N]: the row of each response token
+    hidden, target = seen[0][rows, prev[at]], input_ids[at]              # [N, H], [N]
     head = model.get_output_embeddings()
     n = max(1, chunk_logits // head.weight.shape[0])
     logps = torch.cat([checkpoint(token_logps, head, hidden[i: i + n], target[i: i + n], model.config, use_reentrant=False)
                        for i in range(0, len(target), n)])               # [N]
-    rows = torch.arange(len(at), device=at.device)[:, None].expand_as(at)[at]  # [N]: the row of each token
-    return torch.zeros(len(at), device=logps.device).index_add(0, rows, logps)  # [B]
+    return torch.zeros(int(segment.max()), device=logps.device).index_add(0, segment[at] - 1, logps)  # [responses]
+
+def segment_mask(model, segment):
+    """The attention mask of collate()'s rows: causal, and a key in a response is seen only from that response
+    (padding sees its row's prompt, so no query sees nothing). Rows of one response each get the plain padding
+    mask instead, so that the model applies its own (e.g. a sliding window)."""
+    if segment.max() == len(segment):                                   # one response per row
+        return (segment >= 0).long()                                     # [G, T]
+    T = segment.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment.device).tril()
+    mask = (causal & ((segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])))[:, None]  # [G, 1, T, T]
+    if model.config._attn_implementation == "sdpa":
+        return mask
+    return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)  # eager adds it
 
 def token_logps(head, hidden, target, config):
     """log softmax(head(hidden))[target] in fp32, with the logit soft-capping (Gemma 2) or scaling (Granite, Cohere)
@@ -539,13 +562,19 @@ def lr_at(step: int, total: int, warmup_ratio: float, schedule: str) -> float:
         return step / warmup
     return 1.0 if schedule == "constant" else max(0.0, (total - step) / max(1, total - warmup))
 
-def collate(items, pad_id: int):
-    """Right-padded prompt+response rows and their response masks (on the CPU)."""
-    ids, mask = pad([it["prompt"] + it["response"] for it in items], pad_id, left=False)
-    resp = torch.zeros_like(mask)
+def collate(items, pad_id: int, window: float = math.inf):
+    """Right-padded rows for sequence_logps (on the CPU): consecutive items with the same prompt share a row, the
+    prompt once, then their responses, if every prompt + response fits the model's attention window (within it,
+    the shared row's mask equals a sliding window's). Returns ids and segment (0 prompt, i + 1 the response of
+    items[i], −1 padding), [rows, T] each."""
+    share, rows, segments = all(len(it["prompt"]) + len(it["response"]) <= window for it in items), [], []
     for i, it in enumerate(items):
-        resp[i, len(it["prompt"]): len(it["prompt"]) + len(it["response"])] = 1
-    return ids, mask, resp
+        if not (share and rows and items[i - 1]["prompt"] == it["prompt"]):
+            rows.append(list(it["prompt"]))
+            segments.append([0] * len(it["prompt"]))
+        rows[-1] += it["response"]
+        segments[-1] += [i + 1] * len(it["response"])
+    return pad(rows, pad_id, left=False)[0], pad(segments, -1, left=False)[0]
 
 def train_step(model, opt, batch, cfg: Config, pad_id: int, env: Env) -> dict:
     """One optimiser step on a global batch of prompts (each a list of items with ref_logp). Returns the step's
@@ -557,15 +586,14 @@ def train_step(model, opt, batch, cfg: Config, pad_id: int, env: Env) -> dict:
         # last batch runs one with weight 0.
         mine = batch[m:: cfg.grad_accum][env.rank:: env.world]
         weight, chunk = float(bool(mine)), [it for g in (mine or batch[:1]) for it in g]
-        ids, mask, resp = map(env.to, collate(chunk, pad_id))
         with env.amp():
-            logps = sequence_logps(model, ids, mask, resp)                       # [n]
+            logps = sequence_logps(model, *map(env.to, collate(chunk, pad_id, attention_window(model))))  # [n]
         ref, wr = torch.tensor([[it["ref_logp"], it["win_rate"]] for it in chunk], device=env.device).T  # [n], [n]
         # the step's mean over all ranks' responses (pairs for DPO/IPO); × world: FSDP averages gradients
         loss = batch_loss(cfg.loss, logps, ref, wr, [it["role"] for it in chunk], cfg.eta) * (weight * env.world / units)
         loss.backward()
         total["loss"] += loss.item() / env.world
-        total["tokens"] += weight * int(mask.sum())
+        total["tokens"] += weight * sum(len(it["prompt"]) + len(it["response"]) for it in chunk)  # as if unshared
         for it, r in zip(chunk, (logps - ref).tolist() if weight else ()):
             if (role := it["role"]) != "other":
                 for k, v in (("logratio", r), ("winrate", it["win_rate"]), ("count", 1)):
@@ -589,8 +617,8 @@ def train_iteration(model, groups, cfg: Config, t: int, pad_id: int, env: Env, l
     # π_t's log-probs, once, before any update: π_t is these very weights, so no second model.
     items = [it for g in groups for it in g]
     with torch.no_grad(), full_weights(model), env.amp():
-        ref = map_chunks(lambda s, chunk: sequence_logps(model, *map(env.to, collate(chunk, pad_id))).tolist(),
-                         items, cfg.sample_batch_size, env, f"iter {t} reference")
+        ref = map_chunks(lambda s, chunk: sequence_logps(model, *map(env.to, collate(chunk, pad_id, attention_window(model))))
+                         .tolist(), items, cfg.sample_batch_size, env, f"iter {t} reference")
     for it, lp in zip(items, ref):
         it["ref_logp"] = lp
     model.train()  # dropout is off; train mode only enables gradient checkpointing
@@ -830,6 +858,9 @@ def checkpoint_layers(model):  # activations recomputed in backward, non-reentra
     if enable := getattr(model, "activation_checkpointing_enable", None):
         return enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+def attention_window(model) -> float:  # a sliding window's size, or none (∞)
+    return getattr(model.config, "sliding_window", None) or math.inf
 
 def context_length(model) -> int:  # positions the model has for a prompt and its response (unbounded: 10⁹)
     return getattr(model.config, "max_position_embeddings", None) or 10**9
