@@ -564,9 +564,9 @@ def lr_at(step: int, total: int, warmup_ratio: float, schedule: str) -> float:
 
 def collate(items, pad_id: int, window: float = math.inf):
     """Right-padded rows for sequence_logps (on the CPU): consecutive items with the same prompt share a row, the
-    prompt once, then their responses, if every prompt + response fits the model's attention window (within it,
-    the shared row's mask equals a sliding window's). Returns ids and segment (0 prompt, i + 1 the response of
-    items[i], −1 padding), [rows, T] each."""
+    prompt once, then their responses, if every prompt + response fits in window (shared_row_limit: within a
+    sliding window, the shared row's mask equals the window's). Returns ids and segment (0 prompt, i + 1 the
+    response of items[i], −1 padding), [rows, T] each."""
     share, rows, segments = all(len(it["prompt"]) + len(it["response"]) <= window for it in items), [], []
     for i, it in enumerate(items):
         if not (share and rows and items[i - 1]["prompt"] == it["prompt"]):
@@ -587,7 +587,7 @@ def train_step(model, opt, batch, cfg: Config, pad_id: int, env: Env) -> dict:
         mine = batch[m:: cfg.grad_accum][env.rank:: env.world]
         weight, chunk = float(bool(mine)), [it for g in (mine or batch[:1]) for it in g]
         with env.amp():
-            logps = sequence_logps(model, *map(env.to, collate(chunk, pad_id, attention_window(model))))  # [n]
+            logps = sequence_logps(model, *map(env.to, collate(chunk, pad_id, shared_row_limit(model))))  # [n]
         ref, wr = torch.tensor([[it["ref_logp"], it["win_rate"]] for it in chunk], device=env.device).T  # [n], [n]
         # the step's mean over all ranks' responses (pairs for DPO/IPO); × world: FSDP averages gradients
         loss = batch_loss(cfg.loss, logps, ref, wr, [it["role"] for it in chunk], cfg.eta) * (weight * env.world / units)
@@ -617,7 +617,7 @@ def train_iteration(model, groups, cfg: Config, t: int, pad_id: int, env: Env, l
     # π_t's log-probs, once, before any update: π_t is these very weights, so no second model.
     items = [it for g in groups for it in g]
     with torch.no_grad(), full_weights(model), env.amp():
-        ref = map_chunks(lambda s, chunk: sequence_logps(model, *map(env.to, collate(chunk, pad_id, attention_window(model))))
+        ref = map_chunks(lambda s, chunk: sequence_logps(model, *map(env.to, collate(chunk, pad_id, shared_row_limit(model))))
                          .tolist(), items, cfg.sample_batch_size, env, f"iter {t} reference")
     for it, lp in zip(items, ref):
         it["ref_logp"] = lp
@@ -859,8 +859,12 @@ def checkpoint_layers(model):  # activations recomputed in backward, non-reentra
         return enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-def attention_window(model) -> float:  # a sliding window's size, or none (∞)
-    return getattr(model.config, "sliding_window", None) or math.inf
+# Architectures whose layers are all attention that takes a custom 4D mask and explicit position ids (each tested);
+# others (hybrids with Mamba, convolutions or linear attention, ALiBi, GPT-Neo's local windows) get a row per response.
+SHARED_ROWS = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "cohere", "granite", "gpt2"}
+
+def shared_row_limit(model) -> float:  # collate's window: the longest prompt + response that may share a row
+    return (getattr(model.config, "sliding_window", None) or math.inf) if model.config.model_type in SHARED_ROWS else 0
 
 def context_length(model) -> int:  # positions the model has for a prompt and its response (unbounded: 10⁹)
     return getattr(model.config, "max_position_embeddings", None) or 10**9

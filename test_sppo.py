@@ -259,6 +259,33 @@ def test_sequence_logps_against_a_direct_computation(tmp_path):
     assert len(sppo.collate([dict(prompt=p, response=r) for p, r in zip(prompts, responses)], 0, window=4)[0]) == 4
 
 
+def test_shared_rows_only_where_the_mask_is_honoured():
+    """Every architecture in SHARED_ROWS gives the same log-probs with a prompt's responses in one row as one row
+    each; models whose layers would ignore or reject the custom mask (here ALiBi: Bloom; GPT-Neo's local window;
+    a convolution hybrid: LFM2) are kept to one row per response."""
+    import transformers
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, initializer_range=0.3)
+    configs = {"llama": {}, "mistral": {}, "qwen2": {}, "qwen3": dict(head_dim=8), "phi3": dict(pad_token_id=0),
+               "gemma": dict(head_dim=8), "gemma2": dict(head_dim=8, sliding_window=8), "gemma3_text": dict(head_dim=8),
+               "cohere": {}, "granite": {}, "gpt2": dict(n_embd=32, n_layer=2, n_head=4, vocab_size=64)}
+    assert set(configs) == sppo.SHARED_ROWS
+    items = [dict(prompt=[5, 6, 7], response=[10, 11]), dict(prompt=[5, 6, 7], response=[20, 21, 22, 23]),
+             dict(prompt=[9], response=[12, 13, 14, 2])]
+    for model_type, extra in configs.items():
+        torch.manual_seed(0)
+        kw = extra if model_type == "gpt2" else {**small, **extra}
+        model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(model_type, **kw)).eval()
+        with torch.no_grad():
+            shared, alone = (sppo.sequence_logps(model, *sppo.collate(items, 0, w)) for w in (sppo.shared_row_limit(model), 0))
+        assert len(sppo.collate(items, 0, sppo.shared_row_limit(model))[0]) == 2 and torch.allclose(shared, alone, atol=1e-4), model_type
+    for config in (transformers.BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4),
+                   transformers.GPTNeoConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, window_size=4,
+                                             attention_types=[[["global", "local"], 1]]),
+                   transformers.Lfm2Config(**small, layer_types=["conv", "full_attention"])):
+        assert sppo.shared_row_limit(transformers.AutoModelForCausalLM.from_config(config)) == 0
+
+
 def full_logits_logps(model, ids, segment):
     """The straightforward way (this file's first version): one row per response, the head and log-softmax
     everywhere."""
@@ -1024,7 +1051,7 @@ def trl_comparison_worker(contender: str, accum: int = 1, ckpt: bool = False, pa
                    callbacks=[Clock()]).train()
     else:
         if contender != "sppo":  # one row per response (winner and loser do not share their prompt's row)
-            sppo.attention_window = lambda m: 0
+            sppo.shared_row_limit = lambda m: 0
         if contender == "sppo-full-logits":
             sppo.sequence_logps = lambda m, *batch, **kw: full_logits_logps(m, *batch)
         cfg, env = sppo.Config(batch_size=pairs, grad_accum=accum, eta=1000.0, lr=5e-7), sppo.Env()
@@ -1037,7 +1064,7 @@ def trl_comparison_worker(contender: str, accum: int = 1, ckpt: bool = False, pa
             with torch.no_grad():  # π_t's log-probs, once per response (as TRL's reference model does), in micro-batches
                 for i in range(0, len(items), len(items) // accum):
                     chunk = items[i: i + len(items) // accum]
-                    for it, lp in zip(chunk, sppo.sequence_logps(model, *sppo.collate(chunk, 0, sppo.attention_window(model))).tolist()):
+                    for it, lp in zip(chunk, sppo.sequence_logps(model, *sppo.collate(chunk, 0, sppo.shared_row_limit(model))).tolist()):
                         it["ref_logp"] = lp
             sppo.train_step(model, opt, batch, cfg, 0, env)
             times.append(time.perf_counter() - t0)
