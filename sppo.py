@@ -576,6 +576,10 @@ def collate(items, pad_id: int, window: float = math.inf):
         segments[-1] += [i + 1] * len(it["response"])
     return pad(rows, pad_id, left=False)[0], pad(segments, -1, left=False)[0]
 
+def items_logps(model, items, pad_id: int, env: Env):
+    """log π(y|x) of each item (a dict with prompt and response) on env's device, rows shared where the model allows."""
+    return sequence_logps(model, *map(env.to, collate(items, pad_id, shared_row_limit(model))))  # [len(items)]
+
 def train_step(model, opt, batch, cfg: Config, pad_id: int, env: Env) -> dict:
     """One optimiser step on a global batch of prompts (each a list of items with ref_logp). Returns the step's
     totals over all ranks: loss, tokens, and for winners and losers Σ log-ratio, Σ P̂ and their count."""
@@ -587,7 +591,7 @@ def train_step(model, opt, batch, cfg: Config, pad_id: int, env: Env) -> dict:
         mine = batch[m:: cfg.grad_accum][env.rank:: env.world]
         weight, chunk = float(bool(mine)), [it for g in (mine or batch[:1]) for it in g]
         with env.amp():
-            logps = sequence_logps(model, *map(env.to, collate(chunk, pad_id, shared_row_limit(model))))  # [n]
+            logps = items_logps(model, chunk, pad_id, env)                      # [n]
         ref, wr = torch.tensor([[it["ref_logp"], it["win_rate"]] for it in chunk], device=env.device).T  # [n], [n]
         # the step's mean over all ranks' responses (pairs for DPO/IPO); × world: FSDP averages gradients
         loss = batch_loss(cfg.loss, logps, ref, wr, [it["role"] for it in chunk], cfg.eta) * (weight * env.world / units)
@@ -617,8 +621,8 @@ def train_iteration(model, groups, cfg: Config, t: int, pad_id: int, env: Env, l
     # π_t's log-probs, once, before any update: π_t is these very weights, so no second model.
     items = [it for g in groups for it in g]
     with torch.no_grad(), full_weights(model), env.amp():
-        ref = map_chunks(lambda s, chunk: sequence_logps(model, *map(env.to, collate(chunk, pad_id, shared_row_limit(model))))
-                         .tolist(), items, cfg.sample_batch_size, env, f"iter {t} reference")
+        ref = map_chunks(lambda s, chunk: items_logps(model, chunk, pad_id, env).tolist(), items, cfg.sample_batch_size, env,
+                         f"iter {t} reference")
     for it, lp in zip(items, ref):
         it["ref_logp"] = lp
     model.train()  # dropout is off; train mode only enables gradient checkpointing

@@ -1064,7 +1064,7 @@ def trl_comparison_worker(contender: str, accum: int = 1, ckpt: bool = False, pa
             with torch.no_grad():  # π_t's log-probs, once per response (as TRL's reference model does), in micro-batches
                 for i in range(0, len(items), len(items) // accum):
                     chunk = items[i: i + len(items) // accum]
-                    for it, lp in zip(chunk, sppo.sequence_logps(model, *sppo.collate(chunk, 0, sppo.shared_row_limit(model))).tolist()):
+                    for it, lp in zip(chunk, sppo.items_logps(model, chunk, 0, env).tolist()):
                         it["ref_logp"] = lp
             sppo.train_step(model, opt, batch, cfg, 0, env)
             times.append(time.perf_counter() - t0)
