@@ -300,7 +300,7 @@ def full_logits_logps(model, ids, segment):
 def test_log_probs_at_response_positions_in_chunks_equal_the_full_logits(arch, tmp_path):
     """Values and gradients, with chunks of one token (chunk_logits = vocabulary) and of all tokens, two responses
     sharing their prompt's row, against one row per response with full logits. gemma2: its logits are soft-capped,
-    granite's divided and cohere's multiplied by a scale, which the chunked head must apply too."""
+    granite's divided and cohere's multiplied by a scale, which the chunked head and the decode step's must apply too."""
     if arch in ("gemma2", "granite", "cohere"):
         import transformers
         torch.manual_seed(0)
@@ -326,6 +326,8 @@ def test_log_probs_at_response_positions_in_chunks_equal_the_full_logits(arch, t
     for logps, grad in grads[1:]:
         assert torch.allclose(logps, grads[0][0], atol=1e-4)
         assert torch.allclose(grad, grads[0][1], atol=1e-5, rtol=1e-4)
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])  # the decode step's head (W·hᵀ), capped or scaled alike
+    assert torch.allclose(sppo.next_logits(model, ids), model(ids).logits[:, -1], atol=1e-5)
 
 
 def test_a_gradient_step_raises_the_winner_and_lowers_the_loser(tmp_path):
