@@ -337,11 +337,15 @@ def last_hidden(model, input_ids, **kwargs):
 
 def lm_logits(logits, config):
     """The LM head's output in fp32, with the soft-capping (Gemma 2) or scaling (Granite, Cohere) that the model's
-    own forward applies."""
+    own forward applies; only if it applies: `/ 1.0 * 1.0` on every chunk of logits was 15% of a training step."""
     logits = logits.float()
     if cap := getattr(config, "final_logit_softcapping", None):
         logits = cap * torch.tanh(logits / cap)
-    return logits / getattr(config, "logits_scaling", 1.0) * getattr(config, "logit_scale", 1.0)
+    if (scale := getattr(config, "logits_scaling", 1.0)) != 1:  # Granite
+        logits = logits / scale
+    if (scale := getattr(config, "logit_scale", 1.0)) != 1:     # Cohere
+        logits = logits * scale
+    return logits
 
 def next_logits(model, input_ids, **kwargs):
     """The logits of the token after each row's last, [B, V] in fp32, as the model's own forward gives them, with the
