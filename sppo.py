@@ -352,7 +352,7 @@ def next_logits(model, input_ids, **kwargs):
     LM head as W·hᵀ: for a few rows (decoding), MKL's kernel for h·Wᵀ ran 1.8× slower on this CPU (AMD EPYC)."""
     hidden = last_hidden(model, input_ids, **kwargs)[:, -1]            # [B, H]
     head = model.get_output_embeddings()
-    logits = (head.weight @ hidden.T).T.contiguous()                     # [B, V]
+    logits = (head.weight @ hidden.T).T.contiguous()  # [B, V]; a transposed view made every softmax after it slower
     return lm_logits(logits if head.bias is None else logits + head.bias, model.config)
 
 class DynamicDecoder:
