@@ -17,6 +17,7 @@ class: the checkpoint's own tokenizer.json is read with the `tokenizers` library
 import argparse
 import json
 import os
+import sys
 from contextlib import nullcontext
 
 import torch
@@ -70,6 +71,8 @@ class PairRM(nn.Module):
         from tokenizers import Tokenizer
         from transformers import DebertaV2Config
         folder = _local_folder(path_or_hub_id)
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise FileNotFoundError(f"no config.json in {folder}: not a PairRM checkpoint")
         config = json.load(open(os.path.join(folder, "config.json")))
         if "ranker_type" not in config and config.get("model_type") not in ("deberta-v2", "deberta"):
             raise ValueError(f"{folder}/config.json is neither PairRM layout: expected 'ranker_type' "
@@ -175,10 +178,34 @@ class PairRM(nn.Module):
 
 
 def _local_folder(path_or_hub_id: str) -> str:
+    """A folder as it is; a hub id downloaded (or found in the hub's cache when the hub is unreachable)."""
     if os.path.isdir(path_or_hub_id):
         return path_or_hub_id
+    if os.path.exists(path_or_hub_id):
+        raise NotADirectoryError("a file, not a folder: pass the folder that holds config.json")
+    if path_or_hub_id.startswith((".", "/", "~")):
+        raise FileNotFoundError("no such folder (a hub id is owner/name)")
     from huggingface_hub import snapshot_download  # only the files we read; never training_args.bin
-    return snapshot_download(path_or_hub_id, allow_patterns=FILES)
+    offline = not hub_reachable(path_or_hub_id)
+    try:
+        return snapshot_download(path_or_hub_id, allow_patterns=FILES, local_files_only=offline)
+    except Exception as e:
+        if offline:
+            raise OSError(f"the hub cannot be reached and {path_or_hub_id} is not in its local cache") from e
+        raise
+
+
+def hub_reachable(repo_id: str) -> bool:
+    """One quick request, no retries: offline, the hub client retries every file for about 50 s."""
+    from huggingface_hub import model_info
+    from huggingface_hub.errors import HfHubHTTPError
+    try:
+        model_info(repo_id, timeout=10)
+    except HfHubHTTPError:  # the hub answered (not found, gated, …)
+        return True
+    except Exception:  # no answer: offline, DNS, firewall
+        return False
+    return True
 
 
 def _load_weights(folder: str) -> dict:
@@ -200,6 +227,10 @@ if __name__ == "__main__":
     p.add_argument("--a", required=True, help="response A")
     p.add_argument("--b", required=True, help="response B")
     args = p.parse_args()
-    rm = PairRM.from_pretrained(args.model)
+    try:
+        rm = PairRM.from_pretrained(args.model)
+    except (OSError, ValueError) as e:  # a missing folder, no hub, not a PairRM checkpoint
+        print(f"pairrm_lite: error: cannot load {args.model}: {str(e).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
     logit = rm.compare([args.prompt], [args.a], [args.b])[0]
     print(f"P(A beats B) = {torch.sigmoid(logit).item():.4f}  (logit {logit.item():+.4f}, both orders)")

