@@ -1495,12 +1495,11 @@ def parse_config(argv=None) -> Config:
             fail(f"--resume {given['resume']}: no such folder")
         if not os.path.isfile(path := os.path.join(given["resume"], "config.json")):
             fail(f"--resume {given['resume']}: no config.json there, so it is not an sppo run folder")
-        saved = read_json(path)
-        if not (isinstance(saved, dict) and {"eta", "pair_prob", "judge"} <= set(saved)):
+        if not is_run_folder(given["resume"]):
             fail(f"--resume {given['resume']}: its config.json is not an sppo run's (a model "
                  "folder?): pass a folder that sppo wrote, with --out or under runs/")
         names = {f.name for f in dataclasses.fields(Config)}
-        saved = {k: v for k, v in saved.items() if k in names}
+        saved = {k: v for k, v in read_json(path).items() if k in names}
         asked = {**(preset(given["model"]) if "model" in given else {}), **{k: v for k, v in given.items() if k != "model"}}
         if diff := [f"--{k.replace('_', '-')} {v} (saved: {saved.get(k)})" for k, v in asked.items()
                     if k not in RUN_ONLY and saved.get(k) != v]:
