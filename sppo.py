@@ -536,6 +536,9 @@ def load_prefer_file(path: str):
     say0(f"judging with prefer() from {path}: your own code, run as it is")
     return module.prefer
 
+def judged_by_pairrm(cfg: Config) -> bool:  # not toy, panel or a prefer file: the costly judge
+    return cfg.judge not in ("toy", "panel") and not cfg.judge.endswith(".py")
+
 def load_judge(cfg: Config, env: Env):
     """'toy', 'panel', prefer() from FILE.py, or PairRM (pairrm_lite) from a folder or hub id;
     bf16 on CUDA, fp32 on the CPU."""
@@ -1145,7 +1148,7 @@ def load_prompts(cfg: Config, t: int) -> list[str]:
     return kept or fail(f"no prompts in '{cfg.prompts}'")
 
 PROMPT_FILES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv",
-                ".txt": "text"}
+                ".txt": None}  # datasets' loader of each; a .txt is read line by line
 
 def read_dataset(source: str, ext: str, cfg: Config) -> list:
     """The --prompt-field column of a local json/jsonl/parquet/csv file, or of a hub dataset's
@@ -1194,12 +1197,12 @@ def load_prompt_sets(cfg: Config, env: Env):
 
 def expect_cpu_time(cfg: Config, env: Env, n_train: int, n_eval: int):
     """On a CPU, say how long one iteration of a preset planned for a GPU takes, from its measured
-    cost. The toy judge costs nothing; PairRM judges a training prompt's K(K − 1) pairs and a
+    cost. A judge in Python costs next to nothing; PairRM judges a training prompt's K(K − 1) pairs and a
     held-out prompt's answers against the start's."""
     c = CPU_SECONDS.get(cfg.model)
     if env.device.type != "cpu" or c is None:
         return
-    judging = cfg.judge != "toy"
+    judging = judged_by_pairrm(cfg)
     per_train = c["sample"] + c["train"] + c["judge"] * judging
     per_eval = c["sample"] + c["eval_judge"] * judging
     hours = (per_train * n_train + per_eval * n_eval) / 3600
@@ -1219,7 +1222,7 @@ def memory_plan(cfg: Config, a: dict, gpus: int) -> dict:
     """GiB per GPU in each phase, from first principles (bf16 = 2 bytes, fp32 = 4)."""
     G, P = 2**30, a["params"]
     shards = 4 * P / gpus                                          # fp32 master weights, sharded
-    pairrm = cfg.judge not in ("toy", "panel") and not cfg.judge.endswith(".py")
+    pairrm = judged_by_pairrm(cfg)
     kv = 2 * a["layers"] * a["kv_dim"] * 2 * cfg.sample_batch_size * cfg.k * (cfg.max_prompt_length + cfg.max_new_tokens)
     per_prompt = 2 if cfg.pairs == "winner-loser" else cfg.k
     tokens = max(1, cfg.batch_size // (cfg.grad_accum * gpus)) * per_prompt * cfg.max_length  # micro-batch
