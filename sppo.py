@@ -10,15 +10,15 @@ value under π_t (η/2) becomes a regression:
 
 Algorithm 1, one iteration t (this file's sections, in order):
     1. sample K responses per prompt from π_t                      -> sample()
-    2. judge every ordered pair with the preference model          -> ToyJudge / pairrm_lite
+    2. judge every ordered pair with the preference model          -> judges, pairrm_lite
     3. estimate each response's win rate P̂ against π_t             -> pairwise_probs(), win_rates()
     4. minimise the squared loss above; the result is π_{t+1}      -> sequence_logps(), sppo_loss()
 
 Flag defaults are the authors' recipe (K=5, T=0.7, top-p 0.9, η=1000, RMSprop lr 5e-7, winner/loser pairs
 from aggregated PairRM scores); `--pairs all --pair-prob paper` is the paper's Algorithm 1 as written.
 
-    python sppo.py                                          # tiny model, toy judge, CPU, ~30 s
-    python sppo.py --model smollm2-135m --judge toy         # a real chat model on a laptop CPU
+    python sppo.py                                          # tiny model, toy judge, CPU, ~20 s
+    python sppo.py --model smollm2-135m                     # a real chat model, the classroom's panel
     torchrun --nproc_per_node 8 sppo.py --model mistral-7b  # the paper's recipe, FSDP2 on 8 GPUs
     python sppo.py --model mistral-7b --dry-run             # the recipe and the memory plan
     python sppo.py --demo nash                              # exact SPPO on a cyclic game vs Bradley-Terry
@@ -82,8 +82,9 @@ class Config:
     seed: int = arg(42, "seed for the tiny model, sampling and shuffling (authors: 42)")
     kl: bool = arg(True, "report the held-out KL(π_t ‖ π_1) each iteration; keeps π_1 in memory")
     trust_remote_code: bool = arg(False, "allow model code from the hub (only if you trust it)")
+    bf16: bool = arg(True, "bf16 compute over fp32 master weights (authors' precision), PairRM in bf16, "
+                     "where the GPU or CPU computes bf16 natively; --no-bf16 for fp32")
     # CUDA fast paths, each on by default and ignored without CUDA (no Triton, no torch.compile)
-    bf16: bool = arg(True, "CUDA: bf16 compute over fp32 master weights (authors' precision), PairRM in bf16")
     tf32: bool = arg(True, "CUDA: TF32 tensor cores for the remaining fp32 matmuls")
     sdpa: bool = arg(True, "CUDA: PyTorch's scaled_dot_product_attention (flash / memory-efficient kernels)")
     fused_optim: bool = arg(True, "CUDA: fused optimiser kernels (one launch for all parameters)")
@@ -101,10 +102,11 @@ PRESETS = {  # overrides of the authors' defaults
     "tiny": dict(prompts="builtin", judge="toy", k=8, max_new_tokens=24, temperature=1.0, top_p=1.0, eta=100.0, lr=3e-3,
                  optimizer="adamw", epochs=3, batch_size=8, pairs="all", grad_checkpointing=False, sample_batch_size=32,
                  max_length=96, max_prompt_length=64),
-    # A class on laptops, a real 135M chat model: one iteration in about 7 min on 2 CPU cores with PairRM, 2 min
-    # with the toy judge. K = 3 halves PairRM's pairs per prompt (6, not K = 4's 12); 48-token answers.
-    "smollm2-135m": dict(model="HuggingFaceTB/SmolLM2-135M-Instruct", prompts="builtin", num_prompts=48,
-                         eval_prompts=12, k=3, max_new_tokens=48, lr=1e-5, batch_size=4, grad_checkpointing=False),
+    # A class on laptops, a real 135M chat model judged by the classroom panel: 3 iterations in about
+    # 10 min on 2 CPU cores. K = 3 halves the pairs per prompt (6, not K = 4's 12); 48-token answers.
+    "smollm2-135m": dict(model="HuggingFaceTB/SmolLM2-135M-Instruct", prompts="builtin", judge="panel",
+                         num_prompts=48, eval_prompts=12, k=3, max_new_tokens=48, lr=1e-5, batch_size=4,
+                         grad_checkpointing=False),
     # A class on one consumer GPU: 2,000 prompts a round, K=4, 128 new tokens (GPT-2's context is
     # 1024), lengths halved. lr is a starting point (10× the authors' for ~1/5 of the steps), not tuned.
     "gpt2": dict(model="openai-community/gpt2", num_prompts=2000, eval_prompts=64, k=4, max_new_tokens=128, max_length=512,
@@ -133,12 +135,14 @@ class Env:
     world: int = 1
     device: torch.device = torch.device("cpu")
     distributed: bool = False
-    bf16: bool = False  # the CUDA fast paths in force (all False on the CPU)
-    cuda_graph: bool = False
+    bf16: bool = False  # bf16 compute: CUDA from compute capability 8.0, CPUs with bf16 units
+    cuda_graph: bool = False  # the CUDA fast paths in force (False on the CPU)
     pin: bool = False
 
-    def amp(self):  # bf16 compute on CUDA (the authors' precision), fp32 on the CPU
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else nullcontext()
+    def amp(self):  # bf16 compute over fp32 weights (the authors' precision), or fp32
+        if not self.bf16:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def to(self, t): return t.pin_memory().to(self.device, non_blocking=True) if self.pin else t.to(self.device)
 
@@ -157,13 +161,35 @@ def setup(cfg: Config) -> Env:
     return env
 
 def use_bf16(cfg: Config) -> bool:
-    """bf16 needs compute capability 8.0 (A100, RTX 30xx, H100): the T4 of free notebooks or a V100 would
-    emulate it slowly, so they run in fp32, and say so."""
-    if not (cfg.bf16 and torch.cuda.is_available()):
+    """bf16 where the hardware computes it natively, fp32 elsewhere, and one line that says which.
+    CUDA: compute capability 8.0 (A100, RTX 30xx, H100); a T4 or a V100 would emulate it slowly.
+    CPU: AMX or AVX512-BF16 units on x86, BF16 on Arm; without them bf16 is emulated, and slower.
+    The tiny model stays in fp32: its 64-wide matrices are too small for bf16 to pay."""
+    if not cfg.bf16:
         return False
-    if (cap := torch.cuda.get_device_capability()) < (8, 0):
-        say0(f"{torch.cuda.get_device_name()} has no bf16 (compute capability {cap[0]}.{cap[1]} < 8.0): running in fp32")
-    return cap >= (8, 0)
+    if torch.cuda.is_available():
+        cap = torch.cuda.get_device_capability()
+        if cap < (8, 0):
+            name = torch.cuda.get_device_name()
+            say0(f"{name} has no bf16 (compute capability {cap[0]}.{cap[1]} < 8.0): running in fp32")
+        return cap >= (8, 0)
+    if cfg.model == "tiny":
+        return False
+    units = cpu_bf16_units()
+    if units:
+        say0(f"this CPU computes bf16 ({units}): bf16 compute, fp32 weights; --no-bf16 for fp32")
+    else:
+        say0("this CPU has no bf16 units (AMX, AVX512-BF16 or Arm BF16): running in fp32")
+    return bool(units)
+
+def cpu_bf16_units() -> str:
+    """The CPU's bf16 instructions as Linux names them in /proc/cpuinfo; '' if none (or no /proc)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return ""
+    return " ".join(sorted(flags & {"amx_bf16", "avx512_bf16", "bf16"}))
 
 def shard(model, env: Env):
     """FSDP2: each decoder layer (the classes in _no_split_modules), then the root, which holds the embeddings and
@@ -487,7 +513,8 @@ class BadPreference(Exception):
 # The classroom judge: a panel of four graders, each checking one thing that a student can check by
 # reading. Each grader scores an answer; for a pair it votes for the higher score (a tie: no vote).
 # They pull against each other: more of the prompt's words wants longer answers, a finished sentence
-# and no repeats want shorter ones, and 20 words sits between. Their best answer is a sensible one.
+# within the budget wants shorter ones, and 20 words sits between; repeats lose at any length. Their
+# best answer is a sensible one.
 
 def on_topic(prompt: str, answer: str) -> int:
     """How many of the prompt's words (of 3 letters or more) the answer uses."""
@@ -502,10 +529,12 @@ def to_the_point(prompt: str, answer: str) -> int:
     """Minus the distance from 20 words: neither a fragment nor a ramble."""
     return -abs(len(answer.split()) - 20)
 
-def fresh(prompt: str, answer: str) -> float:
-    """The fraction of the answer's words that are not repeats."""
+def fresh(prompt: str, answer: str) -> int:
+    """Minus the word pairs that the answer says again: a loop of repeats loses, and a short answer
+    gains nothing by being short."""
     words = answer.lower().split()
-    return len(set(words)) / max(len(words), 1)
+    pairs = list(zip(words, words[1:]))
+    return len(set(pairs)) - len(pairs)
 
 GRADERS = (on_topic, finished, to_the_point, fresh)
 PANEL_LOGIT = 1.0  # per vote: a unanimous panel prefers with probability σ(4) = 0.98
@@ -541,7 +570,7 @@ def judged_by_pairrm(cfg: Config) -> bool:  # not toy, panel or a prefer file: t
 
 def load_judge(cfg: Config, env: Env):
     """'toy', 'panel', prefer() from FILE.py, or PairRM (pairrm_lite) from a folder or hub id;
-    bf16 on CUDA, fp32 on the CPU."""
+    its weights in bf16 where the policy computes in bf16 (the authors judge in fp16)."""
     if cfg.judge == "toy":
         return ToyJudge()
     if cfg.judge == "panel":
@@ -1222,6 +1251,7 @@ def memory_plan(cfg: Config, a: dict, gpus: int) -> dict:
     """GiB per GPU in each phase, from first principles (bf16 = 2 bytes, fp32 = 4)."""
     G, P = 2**30, a["params"]
     shards = 4 * P / gpus                                          # fp32 master weights, sharded
+    shards += 4 * P / gpus if cfg.kl and cfg.eval_prompts else 0   # + π_1 for the KL, sharded alike
     pairrm = judged_by_pairrm(cfg)
     kv = 2 * a["layers"] * a["kv_dim"] * 2 * cfg.sample_batch_size * cfg.k * (cfg.max_prompt_length + cfg.max_new_tokens)
     per_prompt = 2 if cfg.pairs == "winner-loser" else cfg.k

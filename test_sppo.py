@@ -1,5 +1,6 @@
 """Tests for sppo.py and pairrm_lite.py. CPU only, no downloads: every model is built from a small
 config with a fixed seed, saved to a temporary folder and loaded back with from_pretrained."""
+import dataclasses
 import json
 import math
 import os
@@ -161,27 +162,28 @@ def test_toy_judge_values_and_its_cycle():
 
 
 SEA = "Tell me about the sea."
-# Three answers on which the panel votes in a cycle (counted by hand; all three end a sentence):
-#   answer            on topic          words: to the point   fresh (distinct / words)
-#   LONG (27 words)   tell, about, the  27: -7                15 / 27
-#   VIEW (18 words)   the               18: -2                16 / 18 (over, the twice)
-#   TERSE (2 words)   the, sea          2: -18                2 / 2
-# LONG vs VIEW: on topic LONG, the others VIEW: VIEW by 1. VIEW vs TERSE: TERSE by 1 (on topic, fresh).
-# TERSE vs LONG: LONG by 1 (on topic, to the point). So LONG ≻ TERSE ≻ VIEW ≻ LONG.
+# Three finished answers on which the panel votes in a cycle (counted by hand):
+#   answer            on topic          words: to the point   fresh (word pairs said again)
+#   LONG (27 words)   tell, about, the  27: -7                come and, and go, go and, and the, cry and: -5
+#   VIEW (20 words)   the               20: 0                 over the: -1
+#   TERSE (2 words)   the, sea          2: -18                0
+# LONG vs VIEW: on topic LONG, to the point and fresh VIEW: VIEW by 1. VIEW vs TERSE: on topic and fresh
+# TERSE, to the point VIEW: TERSE by 1. TERSE vs LONG: on topic and to the point LONG, fresh TERSE: LONG
+# by 1. So LONG ≻ TERSE ≻ VIEW ≻ LONG.
 LONG = ("Tell me about it: the waves come and go and come and go and the gulls cry and cry and the wind "
         "blows and blows all day.")
-VIEW = "Waves roll under a grey sky while gulls call over the water and over the old harbour wall."
+VIEW = "Waves roll under a grey sky while gulls call over the water and over the old harbour wall at dusk."
 TERSE = "The sea."
 
 
 def test_panel_judge_by_hand_and_its_condorcet_cycle():
     assert [sppo.on_topic(SEA, x) for x in (LONG, VIEW, TERSE)] == [3, 1, 2]
-    assert [sppo.to_the_point(SEA, x) for x in (LONG, VIEW, TERSE)] == [-7, -2, -18]
-    assert [sppo.fresh(SEA, x) for x in (LONG, VIEW, TERSE)] == [15 / 27, 16 / 18, 1.0]
+    assert [sppo.to_the_point(SEA, x) for x in (LONG, VIEW, TERSE)] == [-7, 0, -18]
+    assert [sppo.fresh(SEA, x) for x in (LONG, VIEW, TERSE)] == [-5, -1, 0]
     assert sppo.finished(SEA, TERSE) == 1 and sppo.finished(SEA, "The sea is") == 0
     assert sppo.panel_prefer(SEA, VIEW, LONG) == sppo.panel_prefer(SEA, TERSE, VIEW) == 1.0
     assert sppo.panel_prefer(SEA, LONG, TERSE) == 1.0 == -sppo.panel_prefer(SEA, TERSE, LONG)
-    assert sppo.panel_prefer(SEA, "The sea is wide.", "It is is") == 4.0  # unanimous: topic, end, length, fresh
+    assert sppo.panel_prefer(SEA, "The sea is wide and deep.", "is is is is") == 4.0  # unanimous
     judge = sppo.load_judge(sppo.parse_config(["--judge", "panel"]), sppo.Env())
     M = judge.logit_matrices([SEA], [[LONG, VIEW, TERSE]])                   # [1, 3, 3]
     assert torch.equal(M[0], torch.tensor([[0.0, -1, 1], [1, 0, -1], [-1, 1, 0]]))
@@ -622,6 +624,57 @@ def test_bf16_only_on_gpus_that_have_it(monkeypatch, capsys):
     assert sppo.use_bf16(sppo.Config()) is False  # the CPU: fp32
 
 
+
+def test_bf16_on_cpus_that_compute_it(monkeypatch, capsys):
+    """On the CPU, bf16 where /proc/cpuinfo names bf16 units (AMX, AVX512-BF16, Arm BF16), fp32 where it
+    names none; the tiny model and --no-bf16 stay in fp32. One line says which."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    smol = sppo.Config(model=SMOLLM2)
+    monkeypatch.setattr(sppo, "cpu_bf16_units", lambda: "amx_bf16 avx512_bf16")
+    assert sppo.use_bf16(smol) is True
+    assert capsys.readouterr().err == ("sppo: this CPU computes bf16 (amx_bf16 avx512_bf16): bf16 compute, "
+                                       "fp32 weights; --no-bf16 for fp32\n")
+    assert sppo.use_bf16(sppo.Config()) is False  # the tiny model: 64-wide matrices
+    assert sppo.use_bf16(sppo.Config(model=SMOLLM2, bf16=False)) is False
+    assert capsys.readouterr().err == ""  # nothing to decide, nothing said
+    monkeypatch.setattr(sppo, "cpu_bf16_units", lambda: "")
+    assert sppo.use_bf16(smol) is False
+    assert "this CPU has no bf16 units" in capsys.readouterr().err
+    monkeypatch.undo()
+    found = sppo.cpu_bf16_units()  # this machine's own answer, from its flags
+    flags = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()
+    assert set(found.split()) == flags & {"amx_bf16", "avx512_bf16", "bf16"}
+
+
+def test_cpu_bf16_keeps_the_sppo_quantities_in_fp32(monkeypatch):
+    """Under CPU bf16 the log-probs, the loss and the weights stay fp32; the first loss is fp32's within 1%,
+    and over 5 SPPO steps each loss is fp32's within 5% of the first (bf16 keeps 8 bits of mantissa)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    dims = dict(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
+    items = [dict(prompt=[1, 5 + n, 7], response=[10 + n, 20 + 2 * n, 30, 2], win_rate=0.2 + 0.1 * n,
+                  role="other") for n in range(6)]
+    losses = {}
+    for bf16 in (False, True):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(max_position_embeddings=64, **dims))
+        env = sppo.Env(bf16=bf16)
+        with torch.no_grad():
+            ref = sppo.items_logps(model, items, 0, env).tolist()
+        for it, r in zip(items, ref):
+            it["ref_logp"] = r - 1.0  # the policy starts 1 nat above π_t: a non-zero loss
+        opt = torch.optim.RMSprop(model.parameters(), lr=1e-4)
+        cfg = sppo.Config(eta=5.0, pairs="all", batch_size=3, grad_accum=1)
+        losses[bf16] = [sppo.train_step(model, opt, [items[:3], items[3:]], cfg, 0, env)["loss"]
+                        for _ in range(5)]
+        with env.amp():
+            logps = sppo.items_logps(model, items, 0, env)
+        assert logps.dtype == torch.float32 and all(p.dtype == torch.float32 for p in model.parameters())
+    assert losses[True] != losses[False]  # bf16 did compute
+    assert abs(losses[True][0] - losses[False][0]) <= 0.01 * losses[False][0]  # the same weights
+    for a, b in zip(losses[True], losses[False]):  # 5 steps apart: the same descent (2.3 to 0.03 here)
+        assert abs(a - b) <= 0.05 * losses[False][0], (losses[True], losses[False])
+
+
 # ---------------------------------------------------------------------------- end to end
 
 
@@ -756,15 +809,19 @@ def test_smollm2_left_padded_greedy_sample_equals_generate(smollm2):
     assert "Paris" in answer and torch.isin(ours[1], torch.tensor(eos)).any()  # a real model, and an EOS hit
 
 
-def test_smollm2_runs_with_the_toy_judge_and_its_checkpoint_reloads(smollm2, tmp_path):
+def test_smollm2_learns_the_classroom_panel_and_its_checkpoint_reloads(smollm2, tmp_path):
+    """A learning test, not a timing: one iteration of SmolLM2 under the panel on 12 prompts (3 steps at
+    lr 2e-5), seed 42, must beat the base on 4 held-out prompts (0.746 on 2 threads, above 0.5)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     out = tmp_path / "run"
-    r = run_sppo("--model", str(smollm2), "--prompts", "builtin", "--judge", "toy", "--iterations", "1", "--num-prompts", "8",
-                 "--eval-prompts", "2", "--k", "2", "--max-new-tokens", "8", "--batch-size", "3", "--lr", "1e-5",
-                 "--out", str(out), timeout=600)
+    r = run_sppo("--model", str(smollm2), "--prompts", "builtin", "--judge", "panel", "--iterations", "1",
+                 "--num-prompts", "16", "--eval-prompts", "4", "--k", "3", "--max-new-tokens", "48",
+                 "--batch-size", "4", "--lr", "2e-5", "--warmup-ratio", "0", "--out", str(out), timeout=600)
     assert r.returncode == 0, said(r)
+    m = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert m["win_rate_vs_base"] > 0.5 and m["kl_vs_base"] > 0, m
     rows = [json.loads(x) for x in (out / "iter1" / "samples.jsonl").read_text().splitlines()]
-    assert len(rows) == 6 and all(len(row["responses"]) == 2 for row in rows)
+    assert len(rows) == 12 and all(len(row["responses"]) == 3 for row in rows)
     model, tok = AutoModelForCausalLM.from_pretrained(out / "iter1"), AutoTokenizer.from_pretrained(out / "iter1")
     assert tok.chat_template and model.config.tie_word_embeddings
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
@@ -1108,9 +1165,11 @@ def test_presets_and_dry_run_need_no_download():
 def test_memory_plan_by_hand():
     a = dict(params=1e9, layers=10, hidden=1000, kv_dim=100, vocab=1000)
     cfg = sppo.Config(k=2, sample_batch_size=1, max_prompt_length=10, max_new_tokens=90, batch_size=2,
-                      grad_accum=1, max_length=50, grad_checkpointing=True, optimizer="rmsprop")
+                      grad_accum=1, max_length=50, grad_checkpointing=True, optimizer="rmsprop", kl=False)
     m = sppo.memory_plan(cfg, a, gpus=2)
     G = 2**30
+    with_kl = sppo.memory_plan(dataclasses.replace(cfg, kl=True), a, gpus=2)
+    assert all(math.isclose(with_kl[k] - m[k], 2e9 / G) for k in m)  # π_1's fp32 shard, in every phase
     # sampling: 4e9/2 fp32 shard + 2e9 bf16 gathered + KV 2·10·100·2 bytes · 2 rows · 100 tokens
     assert math.isclose(m["sampling"], (2e9 + 2e9 + 2 * 10 * 100 * 2 * 2 * 100) / G)
     # training: shard + grads + RMSprop state (2e9 each) + 2 bf16 layers (4e8) + activations of
@@ -1152,6 +1211,67 @@ def test_bench_sampling_against_generate(size, rows, request):
     assert a.shape == (rows, 32) and b.shape == (rows, 12 + 32)
     report_bench(f"sampling_{size}_{rows}", rows * 32 / t_ours, rows * 32 / t_theirs, "tokens/s", rows=rows)
     assert t_theirs / t_ours >= 1.5
+
+
+def real_size_pairrm():
+    """PairRM's shape (the deberta-v3-large encoder, 0.4B), random weights, the tests' word tokenizer."""
+    from transformers import DebertaV2Config
+    enc = {k: v for k, v in pairrm_lite.DEBERTA_V3_LARGE.items() if k != "model_type"}
+    torch.manual_seed(0)
+    return pairrm_lite.PairRM(DebertaV2Config(**{**enc, "vocab_size": 128005}), tiny_pairrm_tokenizer()).eval()
+
+
+@bench
+@pytest.mark.parametrize("stage", ["sampling", "judging", "reference", "training"])
+def test_bench_cpu_bf16_stage_by_stage(stage, smollm2):
+    """Each stage of a classroom iteration in fp32 and in bf16, side by side: SmolLM2 sampling 16 prompts ×
+    K 3 × 48 new tokens (autocast), PairRM at its real size on 4 prompts × K 3 with classroom-length answers
+    (bf16 weights), the reference pass and one training step on 4 prompts × 3 answers of 48 tokens
+    (autocast). The targets (2×, 2.5×, 1.5×) hold only where the CPU computes bf16 (cpu_bf16_units)."""
+    import copy
+    from transformers import AutoModelForCausalLM
+    g = torch.Generator().manual_seed(0)
+    native = sppo.cpu_bf16_units()
+    bf16, fp32 = sppo.Env(bf16=True), sppo.Env()
+    if stage == "judging":
+        rm32 = real_size_pairrm()
+        rm16 = copy.deepcopy(rm32).to(torch.bfloat16)
+        text = lambda n: words(*torch.randint(0, 200, (n,), generator=g).tolist())
+        prompts = [text(12) for _ in range(4)]
+        cands = [[text(int(n)) for n in torch.randint(25, 45, (3,), generator=g)] for _ in prompts]
+        t16, t32, M16, M32 = timed_pair(lambda: rm16.logit_matrices(prompts, cands),
+                                        lambda: rm32.logit_matrices(prompts, cands), repeats=2)
+        report_bench(f"cpu_bf16_{stage}", 24 / t16, 24 / t32, "pairs/s", units=native,
+                     max_abs_diff=(M16 - M32).abs().max().item(), fp32_max_abs=M32.abs().max().item())
+        assert not native or t32 / t16 >= 2.5
+        return
+    model = AutoModelForCausalLM.from_pretrained(smollm2).eval()
+    if stage == "sampling":
+        ids = torch.randint(5, 3000, (16, 20), generator=g)
+        def run(env):
+            gens = [torch.Generator().manual_seed(i) for i in range(48)]
+            with torch.no_grad(), env.amp():
+                return sppo.sample(model, ids, torch.ones_like(ids), max_new_tokens=48, temperature=0.7,
+                                   top_p=0.9, eos_token_id=-1, pad_token_id=0, k=3, generator=gens)
+        t16, t32, a, b = timed_pair(lambda: run(bf16), lambda: run(fp32), repeats=2)
+        report_bench(f"cpu_bf16_{stage}", 48 * 48 / t16, 48 * 48 / t32, "tokens/s", units=native)
+        assert not native or t32 / t16 >= 2
+        return
+    items = [dict(prompt=torch.randint(5, 3000, (20,), generator=g).tolist(),
+                  response=torch.randint(5, 3000, (48,), generator=g).tolist(), win_rate=0.5,
+                  ref_logp=-300.0, role="other") for _ in range(12)]
+    if stage == "reference":
+        def run(env):
+            with torch.no_grad(), env.amp():
+                return sppo.items_logps(model, items, 0, env)
+    else:
+        opt = torch.optim.RMSprop(model.parameters(), lr=0.0)  # lr 0: every repeat does the same work
+        cfg = sppo.Config(pairs="all", batch_size=4, grad_accum=1)
+        def run(env):
+            return sppo.train_step(model, opt, [items[i: i + 3] for i in range(0, 12, 3)], cfg, 0, env)
+    t16, t32, _, _ = timed_pair(lambda: run(bf16), lambda: run(fp32), repeats=2)
+    report_bench(f"cpu_bf16_{stage}", 12 * 68 / t16, 12 * 68 / t32, "tokens/s", units=native)
+    assert not native or t32 / t16 >= (1.5 if stage == "training" else 2)
 
 
 @bench
