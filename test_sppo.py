@@ -675,6 +675,35 @@ def test_cpu_bf16_keeps_the_sppo_quantities_in_fp32(monkeypatch):
         assert abs(a - b) <= 0.05 * losses[False][0], (losses[True], losses[False])
 
 
+
+def readability(path):
+    """The readability pass's measures of a source file (the README's table)."""
+    import re
+    text = open(path, encoding="utf-8").read()
+    lines = text.splitlines()
+    code = [line for line in lines if line.strip()]
+    end = text.find("# Demo (--demo nash)")  # the reading path: the top to the loop's section end
+    return dict(
+        long_lines=sum(len(line) > 100 for line in lines),
+        mean_chars=sum(map(len, code)) / len(code),
+        named_lambdas=sum(bool(re.match(r"\s*[\w.]+\s*(=|:=)\s*\(?lambda\b", x)) for x in lines),
+        walrus_outside_tests=sum(":=" in x and not re.match(r"\s*(if|elif|while)\b", x) for x in lines),
+        reading_path=end if end > 0 else len(text),
+        chars=len(text),
+    )
+
+
+def test_the_code_reads_like_nanogpt():
+    """One idea per line: no line over 100 characters, ≤ 55 characters per non-blank line on average,
+    no lambda bound to a name, := only in an if or while test, and sppo.py's reading path (the top of
+    the file to the end of the loop over iterations) within 40,000 characters."""
+    for name in ("sppo.py", "pairrm_lite.py"):
+        m = readability(os.path.join(HERE, name))
+        assert m["long_lines"] == 0 and m["mean_chars"] <= 55, (name, m)
+        assert m["named_lambdas"] == 0 and m["walrus_outside_tests"] == 0, (name, m)
+    assert readability(os.path.join(HERE, "sppo.py"))["reading_path"] <= 40_000
+
+
 # ---------------------------------------------------------------------------- end to end
 
 
@@ -1103,18 +1132,69 @@ def torchrun(script, *args, timeout=300):
     return subprocess.run([*TORCHRUN, script, *args], cwd=HERE, capture_output=True, text=True, timeout=timeout)
 
 
+def write_eval_set(folder, rows):
+    path = folder / "eval_set.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_eval_set_gives_alpaca_eval_outputs_and_model_cards(tmp_path):
+    """--eval-set: base/ and every iter{t}/ get model_outputs.json in AlpacaEval's format (the row's
+    own dataset, the generator naming run and iterate); every iter{t}/ gets a model card whose front
+    matter is YAML; --resume keeps finished outputs; a training prompt among the instructions is
+    warned about; a missing field gets --prompts' one line, exit 2, nothing written."""
+    import yaml
+    from transformers import AutoTokenizer
+    train_prompt = sppo.builtin_prompts()[0]
+    rows = [dict(instruction="Say hi.", dataset="helpful_base"), dict(instruction=train_prompt,
+            dataset="oasst"), dict(instruction="Name a colour.", dataset="koala")]
+    eval_set, out = write_eval_set(tmp_path, rows), tmp_path / "run"
+    args = ["--eval-set", eval_set, "--num-prompts", "40", "--eval-prompts", "8"]
+    r = run_sppo("--out", str(out), *args, "--iterations", "1")
+    assert r.returncode == 0, said(r)
+    assert "1 --eval-set instruction(s) are also training prompts" in r.stderr
+    for name, folder in (("base", out / "base"), ("iter1", out / "iter1")):
+        outputs = json.loads((folder / "model_outputs.json").read_text())
+        assert [set(o) for o in outputs] == [{"instruction", "output", "generator", "dataset"}] * 3
+        assert [o["instruction"] for o in outputs] == [row["instruction"] for row in rows]
+        assert [o["dataset"] for o in outputs] == [row["dataset"] for row in rows]
+        assert {o["generator"] for o in outputs} == {f"sppo-run-{name}"}
+        eos = AutoTokenizer.from_pretrained(out / "iter1").eos_token  # decoded without special tokens
+        assert all(isinstance(o["output"], str) and eos not in o["output"] for o in outputs)
+    card = (out / "iter1" / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["library_name"] == "transformers" and "sppo" in front["tags"] and front["base_model"]
+    assert "| K | 8 |" in card and "win rate against the base" in card and "from_pretrained" in card
+    base_outputs = out / "base" / "model_outputs.json"
+    before = base_outputs.stat().st_mtime_ns, (out / "iter1" / "model_outputs.json").stat().st_mtime_ns
+    r = run_sppo("--resume", str(out), "--iterations", "2")
+    assert r.returncode == 0, said(r)
+    after = base_outputs.stat().st_mtime_ns, (out / "iter1" / "model_outputs.json").stat().st_mtime_ns
+    assert after == before and (out / "iter2" / "model_outputs.json").exists()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "Say hi."}) + "\n")
+    r = run_sppo("--out", str(tmp_path / "never"), "--eval-set", str(bad))
+    assert r.returncode == 2 and not (tmp_path / "never").exists(), said(r)
+    assert r.stderr.strip().splitlines()[-1].startswith("sppo: error: no field 'instruction' in ")
+
+
 def test_two_processes_give_the_samples_and_weights_of_one(tmp_path):
     """45 prompts: 8 held out, 37 trained in batches of 8 with 4 micro-steps, so the last batch
     (5 prompts) leaves one rank without prompts in some micro-steps (it runs them with weight 0)."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
-    args = ["--iterations", "1", "--num-prompts", "45", "--eval-prompts", "8", "--epochs", "1", "--grad-accum", "4"]
+    eval_set = write_eval_set(tmp_path, [dict(instruction=f"Say {w}.") for w in ("hi", "bye", "why")])
+    args = ["--iterations", "1", "--num-prompts", "45", "--eval-prompts", "8", "--epochs", "1", "--grad-accum", "4",
+            "--eval-set", eval_set]
     r1 = run_sppo("--out", str(tmp_path / "one"), *args)
     r2 = torchrun(os.path.join(HERE, "sppo.py"), "--out", str(tmp_path / "two"), *args)
     assert r1.returncode == 0, said(r1)
     assert r2.returncode == 0, said(r2)
     one, two = tmp_path / "one" / "iter1", tmp_path / "two" / "iter1"
     assert (one / "samples.jsonl").read_text() == (two / "samples.jsonl").read_text()  # identical samples
+    for folder in ("base", "iter1"):  # the same AlpacaEval answers, split across ranks or not
+        a, b = (json.loads((tmp_path / r / folder / "model_outputs.json").read_text()) for r in ("one", "two"))
+        assert [(x["instruction"], x["output"]) for x in a] == [(x["instruction"], x["output"]) for x in b]
     a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
     assert sorted(a) == sorted(b)
     # measured 6e-7 after 5 AdamW steps at lr 3e-3: float round-off from the different micro-batches
