@@ -1300,7 +1300,11 @@ def load_eval_set(cfg: Config, prompt_sets: dict):
         return None
     as_prompts = dataclasses.replace(cfg, prompts=cfg.eval_set, prompt_field=cfg.eval_field,
                                      prompt_split=cfg.eval_split, num_prompts=None)
-    instructions = load_prompts(as_prompts, 1)
+    try:
+        instructions = load_prompts(as_prompts, 1)
+    except UserError as e:  # the same errors, naming --eval-set's own flags
+        message = str(e).replace("--prompt-field", "--eval-field")
+        fail(message.replace("--prompts", "--eval-set").replace("--prompt-split", "--eval-split"))
     trained = {p for rows in prompt_sets.values() for p in rows}
     if overlap := sum(x in trained for x in instructions):
         warn(f"{overlap} --eval-set instruction(s) are also training prompts: their AlpacaEval "
