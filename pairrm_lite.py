@@ -315,9 +315,8 @@ def _load_weights(folder: str) -> dict:
         return load_file(os.path.join(folder, "model.safetensors"))
     if os.path.isfile(os.path.join(folder, "pytorch_model.bin")):
         try:  # tensors only: a pickle that wants to run code is refused
-            return torch.load(
-                os.path.join(folder, "pytorch_model.bin"), map_location="cpu", weights_only=True
-            )
+            path = os.path.join(folder, "pytorch_model.bin")
+            return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise ValueError(
                 f"refusing {folder}/pytorch_model.bin: it is not a plain tensor file ({e})"

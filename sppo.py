@@ -721,9 +721,9 @@ def run(cfg: Config):
         held.base = stages.run("eval", "eval0.json", answer_held_out, model, tokenizer, held, cfg,
                                env, "eval iter 0")
         held.prev = held.base
-        answer_eval_set(stages, alpaca, model, tokenizer, cfg, env, out, 0)  # for AlpacaEval
         if start > 1:
             held.prev = read_json(os.path.join(out, f"iter{start - 1}", "eval.json"))
+        answer_eval_set(stages, alpaca, model, tokenizer, cfg, env, out, 0)  # for AlpacaEval
         pad_id = tokenizer.pad_token_id
         for t in range(start, cfg.iterations + 1):
             t0, work = time.time(), os.path.join("work", f"iter{t}")
@@ -1238,10 +1238,8 @@ class StaticDecoder:
         if self.graph is not None:
             self.graph.replay()
             return self.logits.clone()
-        self.warm, stream = (
-            True,
-            torch.cuda.Stream(),
-        )  # the first step: real, on a side stream, as capture needs
+        # the first step: real, on a side stream, as capture needs
+        self.warm, stream = True, torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             logits = self.forward()
@@ -1271,14 +1269,14 @@ def segment_mask(model, segment):
         return (segment >= 0).long()  # [G, T]
     T = segment.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=segment.device).tril()
-    mask = (causal & ((segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])))[
-        :, None
-    ]  # [G, 1, T, T]
+    key_is_prompt = segment[:, None, :] == 0  # [G, 1, T]
+    same_response = segment[:, None, :] == segment[:, :, None]  # [G, T, T]
+    mask = (causal & (key_is_prompt | same_response))[:, None]  # [G, 1, T, T]
     if model.config._attn_implementation == "sdpa":
         return mask
-    return torch.zeros(mask.shape, device=mask.device).masked_fill(
-        ~mask, torch.finfo(torch.float32).min
-    )  # eager adds it
+    # eager attention adds the mask to its scores
+    blocked = torch.finfo(torch.float32).min
+    return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, blocked)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1287,7 +1285,7 @@ def segment_mask(model, segment):
 
 @dataclass
 class EvalSet:
-    """--eval-set: the instructions, rendered for the policy, and each row's dataset name."""
+    """--eval-set: the instructions, and each row's dataset name for AlpacaEval's file."""
 
     instructions: list
     datasets: list
@@ -1386,8 +1384,8 @@ def model_card(cfg: Config, m: dict, t: int, out: str) -> str:
 
 def sample_responses(model, tokenizer, prompt_ids, cfg: Config, tag: int, env: Env, desc: str):
     """K responses per prompt (token ids, EOS kept). Row (prompt i, sample j) draws from its own
-    stream seeded by (seed, tag, i, j); tag is the iteration, or -1 for the held-out set so that
-    every policy is evaluated on the same random numbers."""
+    stream seeded by (seed, tag, i, j); tag is the iteration, or -1 for the held-out set and -2
+    for --eval-set, so that every policy is evaluated on the same random numbers."""
     eos = eos_token_ids(model, tokenizer)
 
     def chunk(start, prompts):
