@@ -240,12 +240,12 @@ def pad(seqs: list[list[int]], pad_id: int, left: bool):
     """Pad to a rectangle: left for sampling (new tokens line up on the right), right for
     training."""
     n = max(map(len, seqs))
-    ids, mask = torch.full((len(seqs), n), pad_id), torch.zeros(
-        (len(seqs), n), dtype=torch.long
-    )  # [B, n], [B, n]
+    ids = torch.full((len(seqs), n), pad_id)  # [B, n]
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)  # [B, n]
     for i, s in enumerate(seqs):
-        sl = slice(n - len(s), n) if left else slice(0, len(s))
-        ids[i, sl], mask[i, sl] = torch.tensor(s, dtype=torch.long), 1
+        at = slice(n - len(s), n) if left else slice(0, len(s))
+        ids[i, at] = torch.tensor(s, dtype=torch.long)
+        mask[i, at] = 1
     return ids, mask
 
 
@@ -271,6 +271,12 @@ def inverse_cdf(probs, u):
     return token.clamp_max(cdf.shape[-1] - 1)[:, 0]
 
 
+def sorted_top_p(probs, top_p: float, u):
+    """Top-p sampling as it is defined, one token per row: keep the nucleus (a sort), renormalise,
+    invert the CDF. next_token's sampler gives the same distribution without the sort."""
+    return inverse_cdf(probs * nucleus(probs, top_p), u)
+
+
 def next_token(logits, temperature: float, top_p: float, u):
     """One token per row from softmax(logits / T) restricted to the top-p nucleus, without sorting
     the vocabulary: draw from the full distribution and accept iff the tokens more probable than
@@ -292,9 +298,10 @@ def next_token(logits, temperature: float, top_p: float, u):
         rows, p = rows[outside], p[outside]
         if len(rows) == 0:  # (a host sync on a GPU; the sort it saves costs more)
             break
-        if r == ROUNDS:  # the last round draws from the sorted nucleus itself
-            p = p * nucleus(p, top_p)
-        token[rows] = inverse_cdf(p, u[rows, r])
+        if r < ROUNDS:
+            token[rows] = inverse_cdf(p, u[rows, r])
+        else:  # the last round draws from the sorted nucleus itself
+            token[rows] = sorted_top_p(p, top_p, u[rows, r])
     return token
 
 
@@ -327,7 +334,7 @@ def sample(
         u = torch.stack([torch.rand(shape, generator=g, device=device) for g in generator])
     else:
         u = torch.rand((B, *shape), generator=generator, device=device)
-    # One prefill per prompt, not k: 80 rows of 256-token prompts cost 7× less
+    # One prefill per prompt, not k: its k samples share the prompt's KV cache
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)  # left pads: first real token at 0
     cache = DynamicCache(config=model.config)
     logits = next_logits(model, input_ids, attention_mask=attention_mask,
@@ -435,22 +442,21 @@ def training_set(prompt_ids, responses, P_hat, cfg: Config):
     index on ties), each cut to the length budget. A prompt whose responses were all judged
     equal (winner = loser) has all-zero targets and no signal: it is skipped. Returns groups,
     winners, losers."""
-    winners, losers, groups = P_hat.argmax(-1).tolist(), P_hat.argmin(-1).tolist(), []
-    for p_ids, resp, wr, w, l in zip(prompt_ids, responses, P_hat.tolist(), winners, losers):
-        if w != l:
-            chosen, role = [w, l] if cfg.pairs == "winner-loser" else range(len(resp)), {
-                w: "winner",
-                l: "loser",
-            }
-            p_cut, r_cut = truncate(
-                list(p_ids), [resp[j] for j in chosen], cfg.max_length, cfg.max_prompt_length
-            )
-            groups.append(
-                [
-                    dict(prompt=p_cut, response=r, win_rate=wr[j], role=role.get(j, "other"))
-                    for j, r in zip(chosen, r_cut)
-                ]
-            )
+    winners = P_hat.argmax(-1).tolist()
+    losers = P_hat.argmin(-1).tolist()
+    groups = []
+    for i, resp in enumerate(responses):
+        w, l = winners[i], losers[i]
+        if w == l:
+            continue
+        chosen = [w, l] if cfg.pairs == "winner-loser" else range(len(resp))
+        role = {w: "winner", l: "loser"}
+        cut = [resp[j] for j in chosen]
+        prompt, cut = truncate(list(prompt_ids[i]), cut, cfg.max_length, cfg.max_prompt_length)
+        win_rate = P_hat[i].tolist()
+        group = [dict(prompt=prompt, response=r, win_rate=win_rate[j], role=role.get(j, "other"))
+                 for j, r in zip(chosen, cut)]
+        groups.append(group)
     return groups, winners, losers
 
 
@@ -458,7 +464,7 @@ def training_set(prompt_ids, responses, P_hat, cfg: Config):
 # Algorithm 1, step 4: the SPPO loss and the update θ_t -> θ_{t+1}.
 
 
-def sequence_logps(model, input_ids, segment, chunk_logits: int = 2**24):
+def sequence_logps(model, input_ids, segment, position_ids, chunk_logits: int = 2**24):
     """log π(y|x) = Σ over response tokens of log π(y_n | x, y_<n), in fp32, for each response in
     the rows that collate() makes: a prompt once, then its responses (segment: 0 prompt, i + 1
     the batch's i-th response, −1 padding). Each response sees its prompt and itself, never its
@@ -466,44 +472,32 @@ def sequence_logps(model, input_ids, segment, chunk_logits: int = 2**24):
     alone. The LM head and the log-softmax run at response positions only, ~chunk_logits logits
     at a time, recomputed in backward: the [tokens × vocabulary] logits never exist. Returns
     [number of responses]."""
-    (G, T), idx = input_ids.shape, torch.arange(input_ids.shape[1], device=input_ids.device)
-    prompt_len = (segment == 0).sum(-1, keepdim=True)  # [G, 1]
-    first = segment != F.pad(segment, (1, 0), value=-2)[:, :-1]  # [G, T]: a segment's first token
-    start = (idx * first).cummax(-1).values  # [G, T]: where each token's segment starts
-    position_ids = torch.where(segment > 0, prompt_len + idx - start, idx)  # [G, T]
-    position_ids = position_ids * (segment >= 0)  # padding at 0
     mask = segment_mask(model, segment)
     hidden = last_hidden(model, input_ids, attention_mask=mask, position_ids=position_ids,
                          use_cache=False)  # [G, T, H]
-    at = segment > 0  # response tokens, [G, T]
-    prev = torch.where(first, prompt_len - 1, idx - 1)  # the position that predicts each token
-    rows = torch.arange(G, device=at.device)[:, None].expand_as(at)[at]  # [N]: each token's row
-    hidden, target = hidden[rows, prev[at]], input_ids[at]  # [N, H], [N]
+    rows, cols = (segment > 0).nonzero(as_tuple=True)  # the response tokens, [N] each
+    # Each token is predicted by the one before it in its own sequence; a response's first token
+    # by its prompt's last, at index position − 1 (every row starts with its prompt).
+    first = segment != F.pad(segment, (1, 0), value=-2)[:, :-1]  # [G, T]: a segment's first token
+    before = torch.where(first[rows, cols], position_ids[rows, cols] - 1, cols - 1)  # [N]
+    hidden = hidden[rows, before]  # [N, H]
+    target = input_ids[rows, cols]  # [N]
     head = model.get_output_embeddings()
-    n = max(1, chunk_logits // head.weight.shape[0])
-    logps = torch.cat(
-        [
-            checkpoint(
-                token_logps,
-                head,
-                hidden[i : i + n],
-                target[i : i + n],
-                model.config,
-                use_reentrant=False,
-            )
-            for i in range(0, len(target), n)
-        ]
-    )  # [N]
-    return torch.zeros(int(segment.max()), device=logps.device).index_add(
-        0, segment[at] - 1, logps
-    )  # [responses]
+    n = max(1, chunk_logits // head.weight.shape[0])  # tokens per chunk
+    chunks = []
+    for i in range(0, len(target), n):
+        chunk = checkpoint(token_logps, head, hidden[i : i + n], target[i : i + n], model.config,
+                           use_reentrant=False)  # [n]
+        chunks.append(chunk)
+    logps = torch.cat(chunks)  # [N]
+    per_response = torch.zeros(int(segment.max()), device=logps.device)
+    return per_response.index_add(0, segment[rows, cols] - 1, logps)  # [responses]
 
 
 def token_logps(head, hidden, target, config):
     """log softmax(head(hidden))[target], [n] in fp32."""
-    return (
-        lm_logits(head(hidden), config).log_softmax(-1).gather(-1, target[:, None]).squeeze(-1)
-    )  # backward: 1.3× logsumexp's
+    logits = lm_logits(head(hidden), config)  # [n, V]
+    return logits.log_softmax(-1).gather(-1, target[:, None]).squeeze(-1)  # [n]
 
 
 def sppo_loss(policy_logps, ref_logps, win_rates, eta: float):
@@ -530,9 +524,7 @@ def dpo_loss(winner_logratio, loser_logratio, eta: float):  # DPO: −log σ(β 
     return -F.logsigmoid((winner_logratio - loser_logratio) / eta)  # [N/2]
 
 
-def ipo_loss(
-    winner_logratio, loser_logratio, eta: float
-):  # IPO: (Δ_w − Δ_l − 1/(2β))²: the gap is pulled to η/2
+def ipo_loss(winner_logratio, loser_logratio, eta: float):  # IPO: (Δ_w − Δ_l − 1/(2β))²
     return (winner_logratio - loser_logratio - eta / 2) ** 2  # [N/2]
 
 
@@ -560,28 +552,30 @@ def collate(items, pad_id: int, window: float = math.inf):
     """Right-padded rows for sequence_logps (on the CPU): consecutive items with the same prompt
     share a row, the prompt once, then their responses, if every prompt + response fits in
     window (shared_row_limit: within a sliding window, the shared row's mask equals the
-    window's). Returns ids and segment (0 prompt, i + 1 the response of items[i], −1 padding),
-    [rows, T] each."""
-    share, rows, segments = (
-        all(len(it["prompt"]) + len(it["response"]) <= window for it in items),
-        [],
-        [],
-    )
+    window's). Returns ids, segment (0 prompt, i + 1 the response of items[i], −1 padding) and
+    position ids (each response continues its prompt's), [rows, T] each."""
+    share = all(len(it["prompt"]) + len(it["response"]) <= window for it in items)
+    rows, segments, positions = [], [], []
     for i, it in enumerate(items):
-        if not (share and rows and items[i - 1]["prompt"] == it["prompt"]):
-            rows.append(list(it["prompt"]))
-            segments.append([0] * len(it["prompt"]))
-        rows[-1] += it["response"]
-        segments[-1] += [i + 1] * len(it["response"])
-    return pad(rows, pad_id, left=False)[0], pad(segments, -1, left=False)[0]
+        prompt, response = it["prompt"], it["response"]
+        if not (share and rows and items[i - 1]["prompt"] == prompt):
+            rows.append(list(prompt))
+            segments.append([0] * len(prompt))
+            positions.append(list(range(len(prompt))))
+        rows[-1] += response
+        segments[-1] += [i + 1] * len(response)
+        positions[-1] += range(len(prompt), len(prompt) + len(response))
+    ids = pad(rows, pad_id, left=False)[0]
+    segment = pad(segments, -1, left=False)[0]
+    position_ids = pad(positions, 0, left=False)[0]
+    return ids, segment, position_ids
 
 
 def items_logps(model, items, pad_id: int, env: Env):
     """log π(y|x) of each item (a dict with prompt and response) on env's device, rows shared where
     the model allows."""
-    return sequence_logps(
-        model, *map(env.to, collate(items, pad_id, shared_row_limit(model)))
-    )  # [len(items)]
+    batch = collate(items, pad_id, shared_row_limit(model))
+    return sequence_logps(model, *map(env.to, batch))  # [len(items)]
 
 
 def frozen_logps(model, items, cfg: Config, pad_id: int, env: Env, desc: str) -> list[float]:
@@ -628,27 +622,6 @@ def train_step(model, opt, batch, cfg: Config, pad_id: int, env: Env) -> dict:
     opt.step()
     opt.zero_grad(set_to_none=True)
     return totals
-
-
-class StepTotals(dict):
-    """A step's sums for its log line: loss, tokens, and per role Σ log-ratio, Σ P̂, count."""
-
-    def __init__(self):
-        keys = ["loss", "tokens"]
-        keys += [f"{r}_{k}" for r in ("winner", "loser") for k in ("logratio", "winrate", "count")]
-        super().__init__(dict.fromkeys(keys, 0.0))
-
-    def add(self, loss: float, chunk: list, logratios: list):
-        """One micro-step; logratios is empty for a rank's weight-0 micro-step."""
-        self["loss"] += loss
-        if not logratios:
-            return
-        self["tokens"] += sum(len(it["prompt"]) + len(it["response"]) for it in chunk)  # unshared
-        for it, r in zip(chunk, logratios):
-            if it["role"] != "other":
-                self[f"{it['role']}_logratio"] += r
-                self[f"{it['role']}_winrate"] += it["win_rate"]
-                self[f"{it['role']}_count"] += 1
 
 
 def train_iteration(model, groups, cfg: Config, t: int, pad_id: int, env: Env, log) -> float:
@@ -1060,9 +1033,8 @@ def next_logits(model, input_ids, **kwargs):
     gives them, with the LM head as W·hᵀ (faster than h·Wᵀ for the few rows of decoding)."""
     hidden = last_hidden(model, input_ids, **kwargs)[:, -1]  # [B, H]
     head = model.get_output_embeddings()
-    logits = (
-        head.weight @ hidden.T
-    ).T.contiguous()  # [B, V]; a transposed view made every softmax after it slower
+    logits = (head.weight @ hidden.T).T  # [B, V]
+    logits = logits.contiguous()  # a transposed view slows every softmax after it
     return lm_logits(logits if head.bias is None else logits + head.bias, model.config)
 
 
@@ -1084,8 +1056,8 @@ def last_hidden(model, input_ids, **kwargs):
 
 def lm_logits(logits, config):
     """The LM head's output in fp32, with the soft-capping (Gemma 2) or scaling (Granite, Cohere)
-    that the model's own forward applies; only if it applies: `/ 1.0 * 1.0` on every chunk of
-    logits was 15% of a training step."""
+    that the model's own forward applies; only if it applies, as a scale of 1 still costs a pass
+    over every chunk of logits."""
     logits = logits.float()
     if cap := getattr(config, "final_logit_softcapping", None):
         logits = cap * torch.tanh(logits / cap)
@@ -1350,36 +1322,69 @@ def alpaca_outputs(model, tokenizer, alpaca: EvalSet, cfg: Config, env: Env, gen
             for x, a, d in zip(alpaca.instructions, answers, alpaca.datasets)]
 
 
+MODEL_CARD = """---
+base_model: {base_json}
+library_name: transformers
+tags:
+- sppo
+- self-play-preference-optimization
+- alignment
+{datasets}---
+
+# SPPO iteration {t} of {base}
+
+Self-Play Preference Optimization (arXiv 2405.00675), iteration {t} of {iterations}, trained with
+sppo.py from `{base}` on {prompt_sets}.
+
+| recipe | |
+|---|---|
+| K | {cfg.k} |
+| η | {cfg.eta:g} |
+| loss | {cfg.loss} |
+| pairs | {cfg.pairs} |
+| lr | {cfg.lr:g} |
+| judge | {cfg.judge} |
+
+Held-out figures ({cfg.eval_prompts} prompts, judged by {cfg.judge}):
+
+| | |
+|---|---|
+{figures}
+Command:
+
+```bash
+python sppo.py {command}
+```
+
+Load it:
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("{folder}")
+tokenizer = AutoTokenizer.from_pretrained("{folder}")
+```
+"""
+
+FIGURES = {"win_rate_vs_base": "win rate against the base",
+           "win_rate_vs_prev": "win rate against the previous iterate",
+           "kl_vs_base": "KL to the base (nats per response)"}
+
+
 def model_card(cfg: Config, m: dict, t: int, out: str) -> str:
     """README.md of iter{t}/ in the Hugging Face convention: YAML front matter, then the recipe,
     the iteration's held-out figures, the command and how to load the folder."""
     base = cfg.model if cfg.model != "tiny" else "sppo-tiny (built in code)"
-    datasets = sorted({cfg.prompts.replace("{t}", str(i)) for i in range(1, t + 1)})
-    hub_sets = [d for d in datasets if "/" in d and not os.path.exists(d)]
-    front = ["---", f"base_model: {json.dumps(base)}", "library_name: transformers",
-             "tags:", "- sppo", "- self-play-preference-optimization", "- alignment"]
-    if hub_sets:
-        front += ["datasets:"] + [f"- {json.dumps(d)}" for d in hub_sets]
-    front.append("---")
-    figures = []
-    for key, label in (("win_rate_vs_base", "win rate against the base"),
-                       ("win_rate_vs_prev", "win rate against the previous iterate"),
-                       ("kl_vs_base", "KL to the base (nats per response)")):
-        if m.get(key) is not None:
-            figures.append(f"| {label} | {m[key]:.3f} |")
-    body = [f"# SPPO iteration {t} of {base}", "",
-            f"Self-Play Preference Optimization (arXiv 2405.00675), iteration {t} of "
-            f"{cfg.iterations}, trained with sppo.py from `{base}` on {', '.join(datasets)}.", "",
-            "| recipe | |", "|---|---|", f"| K | {cfg.k} |", f"| η | {cfg.eta:g} |",
-            f"| loss | {cfg.loss} |", f"| pairs | {cfg.pairs} |", f"| lr | {cfg.lr:g} |",
-            f"| judge | {cfg.judge} |", "",
-            f"Held-out figures ({cfg.eval_prompts} prompts, judged by {cfg.judge}):", "",
-            "| | |", "|---|---|", *figures, "",
-            "Command:", "", "```bash", "python sppo.py " + " ".join(sys.argv[1:]), "```", "",
-            "Load it:", "", "```python", "from transformers import AutoModelForCausalLM, "
-            "AutoTokenizer", f'model = AutoModelForCausalLM.from_pretrained("{out}/iter{t}")',
-            f'tokenizer = AutoTokenizer.from_pretrained("{out}/iter{t}")', "```", ""]
-    return "\n".join(front + [""] + body)
+    prompt_sets = sorted({cfg.prompts.replace("{t}", str(i)) for i in range(1, t + 1)})
+    hub_sets = [d for d in prompt_sets if "/" in d and not os.path.exists(d)]
+    datasets = "".join(f"- {json.dumps(d)}\n" for d in hub_sets)
+    if datasets:
+        datasets = "datasets:\n" + datasets
+    figures = "".join(f"| {label} | {m[key]:.3f} |\n" for key, label in FIGURES.items()
+                      if m.get(key) is not None)
+    return MODEL_CARD.format(base_json=json.dumps(base), datasets=datasets, t=t, base=base,
+                             iterations=cfg.iterations, prompt_sets=", ".join(prompt_sets),
+                             cfg=cfg, figures=figures, command=" ".join(sys.argv[1:]),
+                             folder=f"{out}/iter{t}")
 
 
 def sample_responses(model, tokenizer, prompt_ids, cfg: Config, tag: int, env: Env, desc: str):
@@ -1523,6 +1528,27 @@ def save(model, tokenizer, path: str, samples: list, held_out: list, env: Env, o
             os.replace(tmp, path)
     if env.distributed:
         dist.barrier()  # nobody reads or moves on before the checkpoint exists
+
+
+class StepTotals(dict):
+    """A step's sums for its log line: loss, tokens, and per role Σ log-ratio, Σ P̂, count."""
+
+    def __init__(self):
+        keys = ["loss", "tokens"]
+        keys += [f"{r}_{k}" for r in ("winner", "loser") for k in ("logratio", "winrate", "count")]
+        super().__init__(dict.fromkeys(keys, 0.0))
+
+    def add(self, loss: float, chunk: list, logratios: list):
+        """One micro-step; logratios is empty for a rank's weight-0 micro-step."""
+        self["loss"] += loss
+        if not logratios:
+            return
+        self["tokens"] += sum(len(it["prompt"]) + len(it["response"]) for it in chunk)  # unshared
+        for it, r in zip(chunk, logratios):
+            if it["role"] != "other":
+                self[f"{it['role']}_logratio"] += r
+                self[f"{it['role']}_winrate"] += it["win_rate"]
+                self[f"{it['role']}_count"] += 1
 
 
 def iteration_line(m: dict, n_prompts: int, n_trained: int) -> str:
@@ -2038,17 +2064,9 @@ def plot_curves(out: str):
     return path
 
 
-RUN_ONLY = {
-    "out",
-    "resume",
-    "overwrite",
-    "debug",
-    "dry_run",
-    "iterations",  # may differ on --resume: batch sizes
-    "sample_batch_size",
-    "judge_batch_size",
-    "grad_accum",
-}  # change no result
+# Flags that change no result: --resume takes them as given (iterations: to run more of them)
+RUN_ONLY = {"out", "resume", "overwrite", "debug", "dry_run", "iterations", "sample_batch_size",
+            "judge_batch_size", "grad_accum"}
 
 
 def prepare_out(cfg: Config, env: Env):
@@ -2417,8 +2435,8 @@ PRESETS = {  # overrides of the authors' defaults
 }
 
 
-# One iteration's cost on 2 CPU cores at the preset's budget, seconds per training prompt; a
-# held-out prompt costs a sampling and eval_judge of PairRM (its 18.6 s, measured, less sampling)
+# One iteration's cost on 2 CPU cores at the preset's budget, seconds per training prompt (README,
+# Performance); a held-out prompt costs a sampling and eval_judge, PairRM on two answers
 CPU_SECONDS = {"openai-community/gpt2": dict(sample=3.9, judge=26.0, train=3.3, eval_judge=14.7)}
 
 
@@ -2438,73 +2456,18 @@ def parse_config(argv=None) -> Config:
     --help shows what a plain run uses: the tiny preset over the authors' defaults."""
     p = Parser(description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
-        kind, tiny = get_type_hints(Config)[f.name], PRESETS["tiny"].get(f.name)
-        kw = dict(
-            default=None,
-            help=f.metadata["help"]
-            + (
-                f" (default: {tiny}, from the tiny preset)"
-                if tiny is not None
-                else f" (default: {f.default})" if f.default is not None else ""
-            ),
-        )
-        if kind is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        else:
-            kw.update(
-                dict(choices=get_args(kind))
-                if getattr(kind, "__origin__", None) is Literal
-                else dict(type=next((a for a in get_args(kind) if a is not type(None)), kind))
-            )  # Optional[int] -> int
-        p.add_argument("--" + f.name.replace("_", "-"), **kw)
+        kind = flag_kind(get_type_hints(Config)[f.name])
+        p.add_argument("--" + f.name.replace("_", "-"), default=None, help=flag_help(f), **kind)
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
-    if "resume" in given:  # the saved config, and every flag given must agree with it
-        if given.get("out", given["resume"]) != given["resume"]:
-            fail(f"--resume {given['resume']} continues that folder in place: drop --out "
-                 f"{given['out']}")
-        if not os.path.isdir(given["resume"]):
-            fail(f"--resume {given['resume']}: no such folder")
-        if not os.path.isfile(path := os.path.join(given["resume"], "config.json")):
-            fail(
-                f"--resume {given['resume']}: no config.json there, so it is not an sppo run folder"
-            )
-        if not is_run_folder(given["resume"]):
-            fail(
-                f"--resume {given['resume']}: its config.json is not an sppo run's (a model "
-                "folder?): pass a folder that sppo wrote, with --out or under runs/"
-            )
-        names = {f.name for f in dataclasses.fields(Config)}
-        saved = {k: v for k, v in read_json(path).items() if k in names}
-        asked = {
-            **(preset(given["model"]) if "model" in given else {}),
-            **{k: v for k, v in given.items() if k != "model"},
-        }
-        if diff := [
-            f"--{k.replace('_', '-')} {v} (saved: {saved.get(k)})"
-            for k, v in asked.items()
-            if k not in RUN_ONLY and saved.get(k) != v
-        ]:
-            fail(
-                f"--resume {given['resume']} was started with another config: {'; '.join(diff)}; "
-                "drop those flags, or start a new run"
-            )
-        cfg = Config(
-            **{
-                **saved,
-                **{k: v for k, v in given.items() if k in RUN_ONLY},
-                "out": given["resume"],
-            }
-        )
+    if "resume" in given:
+        cfg = resumed_config(given)
     elif "demo" in given:
         cfg = Config(**{"eta": 0.2, "iterations": 1000, **given})
     else:
         name = given.pop("model", Config.model)
-        near = (
-            difflib.get_close_matches(name, PRESETS, 1)
-            if "/" not in name and not os.path.exists(name)
-            else []
-        )
-        if name not in PRESETS and near:  # a typo, not a hub id (those have a "/")
+        a_path = "/" in name or os.path.exists(name)  # a hub id has a "/"
+        near = [] if a_path else difflib.get_close_matches(name, PRESETS, 1)
+        if name not in PRESETS and near:
             fail(f"--model {name} is not a preset or a folder: did you mean {near[0]}?")
         cfg = Config(**{**preset(name), **given})
     for name, (ok, rule) in RULES.items():
@@ -2514,10 +2477,8 @@ def parse_config(argv=None) -> Config:
     for flag in paths:
         name = getattr(cfg, flag)
         if missing_folder(name):
-            fail(
-                f"--{flag} {name}: no such file or folder; check the path, or give "
-                "a hub id (owner/name)"
-            )
+            fail(f"--{flag} {name}: no such file or folder; check the path, or give a hub id "
+                 "(owner/name)")
         if os.path.isfile(name) and not name.endswith(".gguf" if flag == "model" else ".py"):
             other = "a .gguf file" if flag == "model" else "a .py file defining prefer"
             fail(f"--{flag} {name} is a file: pass a folder with config.json, or {other}")
@@ -2527,6 +2488,58 @@ def parse_config(argv=None) -> Config:
     if fresh_out and os.path.isdir(cfg.out) and os.listdir(cfg.out):
         fail(out_in_use(cfg.out))
     return cfg
+
+
+
+
+def flag_kind(kind) -> dict:
+    """add_argument's keywords for a field's type: on/off, choices, or the type (Optional[int]:
+    int)."""
+    if kind is bool:
+        return dict(action=argparse.BooleanOptionalAction)
+    if getattr(kind, "__origin__", None) is Literal:
+        return dict(choices=get_args(kind))
+    types = [a for a in get_args(kind) if a is not type(None)]
+    return dict(type=types[0] if types else kind)
+
+
+def flag_help(f) -> str:
+    """A field's help and the default that a plain run uses."""
+    tiny = PRESETS["tiny"].get(f.name)
+    if tiny is not None:
+        return f"{f.metadata['help']} (default: {tiny}, from the tiny preset)"
+    if f.default is not None:
+        return f"{f.metadata['help']} (default: {f.default})"
+    return f.metadata["help"]
+
+
+def resumed_config(given: dict) -> Config:
+    """--resume DIR: the config saved in DIR, with the flags that change no result (RUN_ONLY);
+    every other flag given must agree with it."""
+    folder = given["resume"]
+    path = os.path.join(folder, "config.json")
+    if given.get("out", folder) != folder:
+        fail(f"--resume {folder} continues that folder in place: drop --out {given['out']}")
+    if not os.path.isdir(folder):
+        fail(f"--resume {folder}: no such folder")
+    if not os.path.isfile(path):
+        fail(f"--resume {folder}: no config.json there, so it is not an sppo run folder")
+    if not is_run_folder(folder):
+        fail(f"--resume {folder}: its config.json is not an sppo run's (a model folder?): pass a "
+             "folder that sppo wrote, with --out or under runs/")
+    names = {f.name for f in dataclasses.fields(Config)}
+    saved = Config(**{k: v for k, v in read_json(path).items() if k in names})
+    asked = dict(given)
+    if "model" in given:  # a preset's name stands for its hub id and its recipe
+        named = preset(given["model"])
+        asked = {**named, **given, "model": named["model"]}
+    diff = [f"--{k.replace('_', '-')} {v} (saved: {getattr(saved, k)})"
+            for k, v in asked.items() if k not in RUN_ONLY and getattr(saved, k) != v]
+    if diff:
+        fail(f"--resume {folder} was started with another config: {'; '.join(diff)}; drop those "
+             "flags, or start a new run")
+    run_only = {k: v for k, v in given.items() if k in RUN_ONLY}
+    return dataclasses.replace(saved, **run_only, out=folder)
 
 
 def missing_folder(name: str) -> bool:

@@ -3,9 +3,11 @@ config with a fixed seed, saved to a temporary folder and loaded back with from_
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import subprocess
 import sys
+import tempfile
 
 import shutil
 import signal
@@ -71,9 +73,75 @@ def said(r) -> str:
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def run_sppo(*args, cwd=HERE, timeout=300, env=None):
-    return subprocess.run([sys.executable, os.path.join(HERE, "sppo.py"), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env=env)
+def run_sppo(*args, cwd=HERE, timeout=300, env=None, patch="", fresh=False):
+    """`python sppo.py ARGS` in a process of its own (patch: Python source run first, e.g. a kill point).
+    fresh: a new interpreter, as a user starts it; else a fork of one that has imported torch and
+    transformers already (Forked), the same run without the ~8 s of imports."""
+    if fresh:
+        return subprocess.run([sys.executable, os.path.join(HERE, "sppo.py"), *args], cwd=cwd,
+                              capture_output=True, text=True, timeout=timeout, env=env)
+    return Forked(args, cwd, env, patch).finish(timeout)
+
+
+# Most tests run sppo.py in its own process, and a fresh interpreter spends ~8 s of a tiny run's
+# ~10 s importing torch and transformers. So those processes fork from a server that has imported
+# them once and done nothing else (multiprocessing's forkserver: no threads, no OpenMP pool yet).
+# Each is still a process of its own: its own pid, signals, exit status, stdout and stderr, and
+# the weights of a fresh `python sppo.py` bit for bit.
+FORKS = multiprocessing.get_context("forkserver")
+FORKS.set_forkserver_preload(["sppo", "transformers.models.llama.modeling_llama", "safetensors.torch",
+                              "datasets"])
+FORKED_RUN = """import os, signal, sys, time
+os.chdir({cwd!r})
+os.environ.clear()
+os.environ.update({env!r})
+for fd, path in ((1, {stdout!r}), (2, {stderr!r})):
+    os.dup2(os.open(path, os.O_WRONLY | os.O_TRUNC), fd)
+import torch
+if "OMP_NUM_THREADS" in os.environ:  # read by a fresh process as it starts: here it started already
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+sys.argv = [{script!r}, *{args!r}]
+import sppo
+{patch}
+sppo.main()
+"""
+
+
+class Forked:
+    """A run of sppo.main() in a forked process (see FORKS), with Popen's pid, poll, wait and communicate."""
+
+    def __init__(self, args, cwd=HERE, env=None, patch=""):
+        self.files = [tempfile.mkstemp(prefix="sppo_", suffix=f".{name}")[1] for name in ("out", "err")]
+        code = FORKED_RUN.format(cwd=str(cwd), env=dict(env or os.environ), stdout=self.files[0],
+                                 stderr=self.files[1], script=os.path.join(HERE, "sppo.py"),
+                                 args=[str(a) for a in args], patch=patch)
+        self.args, self.process = args, FORKS.Process(target=exec, args=(code, {"__name__": "forked"}))
+        self.process.start()
+        self.pid = self.process.pid
+
+    def poll(self):
+        return self.process.exitcode
+
+    def wait(self, timeout=None):
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            self.process.kill()
+            self.process.join()
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.process.exitcode
+
+    def communicate(self):
+        self.wait()
+        said = []
+        for path in self.files:
+            with open(path) as f:
+                said.append(f.read())
+            os.remove(path)
+        return said
+
+    def finish(self, timeout):
+        returncode = self.wait(timeout)
+        return subprocess.CompletedProcess(self.args, returncode, *self.communicate())
 
 
 # ---------------------------------------------------------------------------- the math
@@ -360,6 +428,9 @@ def test_next_token_samples_exactly_the_nucleus(p, top_p):
     u = torch.rand(n, sppo.ROUNDS + 1, generator=torch.Generator().manual_seed(0))
     freq = torch.bincount(sppo.next_token(torch.log(p).repeat(n, 1), 1.0, top_p, u), minlength=len(p)) / n
     assert torch.allclose(freq, nucleus_by_definition(p, top_p), atol=0.01)
+    # the plain sort-based sampler, the readable definition, draws the same distribution
+    plain = torch.bincount(sppo.sorted_top_p(p.repeat(n, 1), top_p, u[:, 0]), minlength=len(p)) / n
+    assert torch.allclose(plain, nucleus_by_definition(p, top_p), atol=0.01)
     # temperature 0.5 squares and renormalises; top-p 1 samples every token in proportion
     freq = torch.bincount(sppo.next_token(torch.log(p).repeat(n, 1), 0.5, 1.0, u), minlength=len(p)) / n
     assert torch.allclose(freq, p**2 / (p**2).sum(), atol=0.01)
@@ -394,9 +465,9 @@ def test_sequence_logps_against_a_direct_computation(tmp_path):
     alone, as must the responses to another prompt, in rows of different lengths."""
     model = tiny_causal_lm("gpt2", tmp_path)
     prompts, responses = [[5, 6, 7], [5, 6, 7], [9], [9, 8]], [[10, 11], [20, 21, 22], [12, 13, 14, 2], [15]]
-    ids, segment = sppo.collate([dict(prompt=p, response=r) for p, r in zip(prompts, responses)], 0)
+    ids, segment, positions = sppo.collate([dict(prompt=p, response=r) for p, r in zip(prompts, responses)], 0)
     assert ids.tolist()[0] == [5, 6, 7, 10, 11, 20, 21, 22] and len(ids) == 3  # the shared row
-    got = sppo.sequence_logps(model, ids, segment)
+    got = sppo.sequence_logps(model, ids, segment, positions)
     for b, (p, r) in enumerate(zip(prompts, responses)):
         seq = torch.tensor([p + r])
         with torch.no_grad():
@@ -433,9 +504,9 @@ def test_shared_rows_only_where_the_mask_is_honoured():
         assert sppo.shared_row_limit(transformers.AutoModelForCausalLM.from_config(config)) == 0
 
 
-def full_logits_logps(model, ids, segment):
+def full_logits_logps(model, ids, segment, positions=None):
     """The straightforward way (this file's first version): one row per response, the head and log-softmax
-    everywhere."""
+    everywhere, positions from the padding mask (collate's are not used)."""
     mask, resp = (segment >= 0).long(), (segment > 0).long()
     assert segment.max() == len(segment), "one response per row: collate(..., window=0)"
     logits = model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0)).logits[:, :-1].float()
@@ -710,7 +781,7 @@ def test_the_code_reads_like_nanogpt():
 def test_default_run_learns_and_its_outputs_reload(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     out = tmp_path / "run"
-    r = run_sppo("--out", str(out))
+    r = run_sppo("--out", str(out), fresh=True)  # the README's command, as a user starts it
     assert r.returncode == 0, said(r)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     per_iter = [m for m in metrics if "win_rate_vs_base" in m]
@@ -1235,7 +1306,7 @@ def test_presets_and_dry_run_need_no_download():
     cfg = sppo.parse_config(["--model", "llama-3-8b", "--lr", "1e-6"])
     assert (cfg.model, cfg.lr, cfg.k, cfg.eta) == ("meta-llama/Meta-Llama-3-8B-Instruct", 1e-6, 5, 1000.0)
     assert sppo.parse_config(["--model", "gpt2"]).model == "openai-community/gpt2"
-    r = run_sppo("--model", "mistral-7b", "--dry-run", timeout=60)
+    r = run_sppo("--model", "mistral-7b", "--dry-run", timeout=60, fresh=True)
     assert r.returncode == 0, said(r)
     assert "mistralai/Mistral-7B-Instruct-v0.2" in r.stdout and "memory plan for 7.24B parameters" in r.stdout
     row8 = next(line for line in r.stdout.splitlines() if line.strip().startswith("8 "))
@@ -1382,7 +1453,7 @@ def test_bench_training_step_overhead():
                    ref_logp=-500.0, role=r) for w, r in ((0.8, "winner"), (0.2, "loser"))] for _ in range(8)]
     cfg = sppo.Config(eta=1000.0, batch_size=8, grad_accum=1)
     opt_ours, opt_plain = torch.optim.AdamW(model.parameters(), lr=1e-6), torch.optim.AdamW(plain.parameters(), lr=1e-6)
-    ids, segment = sppo.collate([it for group in batch for it in group], 0, window=0)  # one row per response
+    ids, segment, _ = sppo.collate([it for group in batch for it in group], 0, window=0)  # one row per response
     mask = (segment >= 0).long()
 
     def ours():
@@ -1498,7 +1569,7 @@ def test_bench_default_run(tmp_path):
     """The default `python sppo.py`: wall time and the per-stage split (target ≤ 60 s on 2 cores)."""
     import time
     t0 = time.perf_counter()
-    r = run_sppo("--out", str(tmp_path / "run"))
+    r = run_sppo("--out", str(tmp_path / "run"), fresh=True)
     wall = time.perf_counter() - t0
     assert r.returncode == 0, said(r)
     iters = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
@@ -1524,6 +1595,8 @@ def patched_script(tmp_path, patch, name="patched.py"):
 
 
 def run_patched(tmp_path, patch, *args, timeout=300, env=None, launcher=(sys.executable,)):
+    if launcher == (sys.executable,):
+        return run_sppo(*args, timeout=timeout, env=env, patch=patch)
     return subprocess.run([*launcher, str(patched_script(tmp_path, patch)), *args], cwd=HERE, capture_output=True,
                           text=True, timeout=timeout, env=env)
 
@@ -1540,7 +1613,7 @@ def same_weights(a, b, iterations=(1, 2)):
 @pytest.fixture(scope="module")
 def uninterrupted_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("whole") / "run"
-    r = run_sppo("--out", str(out), *SMALL, env=ONE_THREAD)
+    r = run_sppo("--out", str(out), *SMALL, env=ONE_THREAD, fresh=True)  # forked runs must equal it
     assert r.returncode == 0, said(r)
     return out
 
@@ -1639,8 +1712,10 @@ def test_sigterm_is_ctrl_c_and_resume_gives_the_uninterrupted_model(point, proce
                     timeout=120, env=ONE_THREAD)
     assert r.returncode != 0 and f"Resume with: python sppo.py --resume {out}" in r.stderr, said(r)
     assert processes == 2 or r.returncode == 128 + signal.SIGTERM
-    resumed = subprocess.run([*launcher, os.path.join(HERE, "sppo.py"), "--resume", str(out)], cwd=HERE,
-                             capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+    if processes == 1:
+        resumed = run_sppo("--resume", str(out), env=ONE_THREAD)
+    else:
+        resumed = torchrun(os.path.join(HERE, "sppo.py"), "--resume", str(out))
     assert resumed.returncode == 0, said(resumed)
     assert same_weights(out, whole)
 
@@ -1649,13 +1724,13 @@ def test_a_second_run_on_a_folder_in_use_is_refused(tmp_path, uninterrupted_run)
     """Both orders: a run going on in DIR, then --resume DIR; a resume going on, then a new run with
     --overwrite. The second one names the first's pid, exits 2 and writes nothing; the first is unharmed."""
     out, waiting, go = tmp_path / "run", tmp_path / "waiting", tmp_path / "go"
-    script = patched_script(tmp_path, name="waiting.py", patch=f"""
+    patch = f"""
 train = sppo.train_iteration
 def wait(*a, **k):
     open({str(waiting)!r}, "w").close()
     while not os.path.exists({str(go)!r}): time.sleep(0.05)  # hold the folder until the test says go
     return train(*a, **k)
-sppo.train_iteration = wait""")
+sppo.train_iteration = wait"""
     for first, second in ((["--out", str(out), *SMALL], ["--resume", str(out)]),
                           (["--resume", str(out)], ["--out", str(out), *SMALL, "--overwrite"])):
         if first[0] == "--resume":  # a run to resume: one killed before iteration 2's training
@@ -1664,8 +1739,7 @@ sppo.train_iteration = wait""")
                         env=ONE_THREAD)
         waiting.unlink(missing_ok=True)
         go.unlink(missing_ok=True)
-        proc = subprocess.Popen([sys.executable, str(script), *first], cwd=HERE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=ONE_THREAD)
+        proc = Forked(first, env=ONE_THREAD, patch=patch)
         while not waiting.exists():  # the first run holds the folder and waits before training
             assert proc.poll() is None, proc.communicate()[1][-2000:]
             time.sleep(0.1)
@@ -1889,9 +1963,9 @@ def test_bad_inputs_get_one_line_and_exit_code_2(tmp_path, capsys, monkeypatch):
         assert len([x for x in err.splitlines() if x.startswith("sppo: error")]) == 1, name
     assert not (tmp_path / "out").exists()  # nothing written for any of them
     assert main_exit("--k", "two") == 2 and "did you mean" not in capsys.readouterr().err  # the flag is right
-    r = run_sppo("--top-p", "1.5", cwd=tmp_path)
+    r = run_sppo("--top-p", "1.5", cwd=tmp_path, fresh=True)
     assert r.returncode == 2 and r.stderr.strip().startswith("sppo: error: --top-p 1.5") and "Traceback" not in r.stderr
-    r = run_sppo("--k", "1", "--debug", cwd=tmp_path)
+    r = run_sppo("--k", "1", "--debug", cwd=tmp_path, fresh=True)
     assert r.returncode != 0 and "Traceback" in r.stderr and "UserError" in r.stderr
     assert not (tmp_path / "runs").exists()
 
@@ -2096,7 +2170,7 @@ LLAMA_1B = dict(layers=16, hidden=2048, kv_dim=512, vocab=32000)  # memory_plan'
 def test_gpu_default_run_end_to_end(flags, tmp_path):
     """(1) `python sppo.py` (the tiny preset) on CUDA, every fast path on, then without graph and bf16."""
     t0 = time.perf_counter()
-    r = run_sppo("--out", str(tmp_path / "run"), *flags, timeout=600)
+    r = run_sppo("--out", str(tmp_path / "run"), *flags, timeout=600, fresh=True)
     wall = time.perf_counter() - t0
     iters = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "win_rate_vs_base" in x] \
         if r.returncode == 0 else []
