@@ -76,13 +76,13 @@ class PairRM(nn.Module):
 
         self.pretrained_model = DebertaV2Model(encoder_config)
         H = encoder_config.hidden_size
-        self.head_layer = nn.Sequential(
+        self.head_layer = nn.Sequential(  # its keys: head_layer.1 and .4
             nn.Dropout(drop_out),
             nn.Linear(2 * H, H),
             nn.Tanh(),
             nn.Dropout(drop_out),
             nn.Linear(H, 1),
-        )  # keys head_layer.1 / .4
+        )
         self.tokenizer = tokenizer  # a tokenizers.Tokenizer; we truncate and pad ourselves
         tokenizer.no_truncation()
         tokenizer.no_padding()
@@ -154,10 +154,8 @@ class PairRM(nn.Module):
                 drop_out=config.get("drop_out", 0.05),
                 **sizes,
             )
-        for (
-            key,
-            tok,
-        ) in PREFIXES.items():  # the config's ids, where it has them, must be the tokenizer's
+        # the config's ids, where it has them, must be the tokenizer's
+        for key, tok in PREFIXES.items():
             if key in config and config[key] != model.ids[key]:
                 raise ValueError(
                     f"config.json says {key}={config[key]} but the tokenizer maps {tok} to "
@@ -276,9 +274,7 @@ def _local_folder(path_or_hub_id: str) -> str:
         raise NotADirectoryError("a file, not a folder: pass the folder that holds config.json")
     if path_or_hub_id.startswith((".", "/", "~")):
         raise FileNotFoundError("no such folder (a hub id is owner/name)")
-    from huggingface_hub import (
-        snapshot_download,
-    )  # only the files we read; never training_args.bin
+    from huggingface_hub import snapshot_download
 
     offline = not hub_reachable(path_or_hub_id)
     try:

@@ -10,7 +10,7 @@ logs and replacing log Z by its value under π_t (η/2) becomes a regression:
 
 Algorithm 1, one iteration t (this file's sections, in order):
     1. sample K responses per prompt from π_t                      -> sample()
-    2. judge every ordered pair with the preference model          -> judges, pairrm_lite
+    2. judge every ordered pair with the preference model          -> judge_all()
     3. estimate each response's win rate P̂ against π_t             -> pairwise_probs(), win_rates()
     4. minimise the squared loss above; the result is π_{t+1}      -> sequence_logps(), sppo_loss()
 
@@ -261,7 +261,8 @@ def nucleus(probs, top_p: float):
     """
     s = probs.sort(-1, descending=True).values  # [B, V]
     kept = (s.cumsum(-1) - s) < top_p  # a prefix of the sorted order
-    return probs >= s.gather(-1, kept.sum(-1, keepdim=True) - 1)  # at least the least likely kept
+    least = s.gather(-1, kept.sum(-1, keepdim=True) - 1)  # the least likely kept, [B, 1]
+    return probs >= least
 
 
 def inverse_cdf(probs, u):
@@ -348,7 +349,7 @@ def sample(
     static = static and window >= mask.shape[1] + max_new_tokens
     Decoder = StaticDecoder if static else DynamicDecoder
     decoder = Decoder(model, cache, k, mask, max_new_tokens, cuda_graph)
-    del cache  # the decoder holds what it needs (a static one, a copy)
+    del cache  # the decoder holds what it needs: a static one copies it, a dynamic one keeps it
     eos = torch.tensor(eos_token_id, device=device).view(-1)  # Llama 3 has two EOS ids
     out = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -405,10 +406,11 @@ def judge_all(judge, prompts: list[str], candidates: list[list[str]], env: Env, 
 def preference_cycles(logits):
     """[N] True where the judge's preferences among a prompt's K responses contain a cycle,
     y_a ≻ y_b ≻ … ≻ y_a by the sign of M_ij − M_ji: then no score, Bradley-Terry's or any other,
-    orders them. A path through any middle response k extends every path into k."""
+    orders them. Warshall's transitive closure: a path through a middle response m extends every
+    path into m."""
     reach = (logits - logits.transpose(-1, -2)) > 0  # i ≻ j, [N, K, K]
-    for k in range(logits.shape[-1]):
-        reach = reach | (reach[:, :, k, None] & reach[:, None, k, :])  # i ≻ … ≻ k ≻ … ≻ j
+    for m in range(logits.shape[-1]):
+        reach = reach | (reach[:, :, m, None] & reach[:, None, m, :])  # i ≻ … ≻ m ≻ … ≻ j
     return reach.diagonal(dim1=-2, dim2=-1).any(-1)  # i ≻ … ≻ i, [N]
 
 
@@ -451,11 +453,11 @@ def training_set(prompt_ids, responses, P_hat, cfg: Config):
             continue
         chosen = [w, l] if cfg.pairs == "winner-loser" else range(len(resp))
         role = {w: "winner", l: "loser"}
-        cut = [resp[j] for j in chosen]
-        prompt, cut = truncate(list(prompt_ids[i]), cut, cfg.max_length, cfg.max_prompt_length)
+        kept = [resp[j] for j in chosen]
+        prompt, kept = truncate(list(prompt_ids[i]), kept, cfg.max_length, cfg.max_prompt_length)
         win_rate = P_hat[i].tolist()
         group = [dict(prompt=prompt, response=r, win_rate=win_rate[j], role=role.get(j, "other"))
-                 for j, r in zip(chosen, cut)]
+                 for j, r in zip(chosen, kept)]
         groups.append(group)
     return groups, winners, losers
 
@@ -611,7 +613,8 @@ def train_step(model, opt, batch, cfg: Config, pad_id: int, env: Env) -> dict:
         loss = batch_loss(cfg.loss, logps, ref, win_rate, roles, cfg.eta) * scale
         loss.backward()
         total.add(loss.item() / env.world, chunk, (logps - ref).tolist() if weight else [])
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))  # not clipped
+    # measured for the log, not clipped: the authors' recipe clips nothing in effect
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
     if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
         grad_norm = grad_norm.full_tensor()
     totals = dict(zip(total, all_sum(list(total.values()), env)), grad_norm=float(grad_norm))
@@ -670,8 +673,8 @@ def train_iteration(model, groups, cfg: Config, t: int, pad_id: int, env: Env, l
 
 
 def run(cfg: Config):
-    """Algorithm 1 for T iterations. Every stage is saved as it finishes; --resume goes on from
-    there."""
+    """Algorithm 1 for T iterations. Sampling and judging are saved as they finish, training and
+    evaluation with the iteration's checkpoint; --resume goes on from there."""
     env, out = setup(cfg), None
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
@@ -680,11 +683,12 @@ def run(cfg: Config):
         alpaca = load_eval_set(cfg, prompt_sets)  # None without --eval-set
         expect_cpu_time(cfg, env, len(prompt_sets[1]), len(held_out))
         judge = load_judge(cfg, env)
-        policy = None if cfg.resume else load_policy(cfg.model, cfg, env)
+        if not cfg.resume:  # loaded, and so checked, before the run folder is made
+            model, tokenizer = load_policy(cfg.model, cfg, env)
         out, start = prepare_out(cfg, env)  # start: the first iteration not finished before
-        # π_1 is the base model, or on --resume the policy that the last finished iteration saved
-        last = cfg.model if start == 1 else os.path.join(out, f"iter{start - 1}")
-        model, tokenizer = policy or load_policy(last, cfg, env)
+        if cfg.resume:  # the base model, or the policy that the last finished iteration saved
+            last = cfg.model if start == 1 else os.path.join(out, f"iter{start - 1}")
+            model, tokenizer = load_policy(last, cfg, env)
         base_model = None  # π_1, for the KL
         if cfg.kl and held_out:
             base_model = load_policy(cfg.model, cfg, env)[0]
@@ -709,7 +713,7 @@ def run(cfg: Config):
             # step 2: the judge's logit for every ordered pair, [N, K, K]
             M = stages.run("judge", work + ".judged.json", judge_all,
                            judge, texts, answers, env, f"iter {t} judge")
-            M = torch.as_tensor(M)
+            M = torch.as_tensor(M)  # a list when read back on --resume
             # step 3: each response's win rate P̂(y ≻ π_t | x), [N, K], and the training set
             P_hat = win_rates(pairwise_probs(M, cfg.pair_prob))
             groups, winners, losers = training_set(ids, responses, P_hat, cfg)
@@ -717,29 +721,27 @@ def run(cfg: Config):
             train_tps = stages.run("train", None, train, model, judge, groups, cfg, t, pad_id, env,
                                    log, out)
             # evaluate π_{t+1} on the held-out prompts: win rates and the drift from π_1
-            new, scores = stages.run("eval", None, evaluate, model, base_model, judge, tokenizer,
-                                     held, cfg, env, t)
-            m = dict(iteration=t, **scores, cyclic_prompts=None)
-            if cfg.k >= 3:  # a cycle needs three responses
-                m["cyclic_prompts"] = int(preference_cycles(M).sum())
+            held_answers, scores = stages.run("eval", None, evaluate, model, base_model, judge,
+                                              tokenizer, held, cfg, env, t)
+            # save π_{t+1}: the checkpoint, its samples and answers, its metrics and model card
+            m = dict(iteration=t, **scores, cyclic_prompts=cyclic_prompts(M, cfg))
             m.update(stage_rates(responses, M, stages.seconds, train_tps, cfg))
             m.update(seconds=time.time() - t0, skipped_prompts=len(prompt_sets[t]) - len(groups))
             m.update({f"{k}_seconds": v for k, v in stages.seconds.items()})
             log(**m)
-            rows = [dict(prompt=p, responses=r, logits=M[i].tolist(), win_rates=P_hat[i].tolist(),
-                         winner=winners[i], loser=losers[i])
-                    for i, (p, r) in enumerate(zip(prompt_sets[t], answers))]
+            rows = sample_rows(prompt_sets[t], answers, M, P_hat, winners, losers)
             outputs = answer_eval_set(stages, alpaca, model, tokenizer, cfg, env, out, t)
             card = model_card(cfg, m, t, out)
-            save(model, tokenizer, os.path.join(out, f"iter{t}"), rows, new, env, outputs, card)
-            held.prev = new
+            folder = os.path.join(out, f"iter{t}")
+            save(model, tokenizer, folder, rows, held_answers, env, outputs, card)
+            held.prev = held_answers
             stages.forget(work + ".samples.json", work + ".judged.json")  # saved with the model
             if env.rank == 0:
                 print(iteration_line(m, len(prompt_sets[t]), len(groups)), flush=True)
         if env.rank == 0:
             plot_curves(out)
         if env.distributed:
-            dist.barrier()  # every rank done before any leaves: without it some aborted at exit
+            dist.barrier()  # no rank destroys the process group while another still uses it
     except KeyboardInterrupt as e:  # Ctrl-C, or a scheduler's SIGTERM (SLURM, Kubernetes)
         where = ", before anything was written"
         if out:
@@ -777,9 +779,7 @@ def nash_equilibrium(P):
     ).solution[:, 0]
 
 
-def exploitability(
-    P, pi
-):  # how much the best single response beats π: max_y P(y ≻ π) − ½; 0 exactly at π*
+def exploitability(P, pi):  # max_y P(y ≻ π) − ½: what the best response gains; 0 at π*
     return ((P @ pi).max() - 0.5).item()
 
 
@@ -853,15 +853,10 @@ class ToyJudge:
     vowel_weight, cycle_weight = 8.0, 1.0
 
     def logit_matrices(self, prompts: list[str], candidates: list[list[str]]):
-        v = torch.tensor(
-            [
-                [sum(c in "aeiouAEIOU" for c in s) / max(len(s), 1) for s in cands]
-                for cands in candidates
-            ]
-        )
-        cls = torch.tensor(
-            [[ord(s[0]) % 3 if s else -1 for s in cands] for cands in candidates]
-        )  # [N, K]
+        vowels = [[sum(c in "aeiouAEIOU" for c in s) / max(len(s), 1) for s in cands]
+                  for cands in candidates]
+        v = torch.tensor(vowels)  # [N, K]
+        cls = torch.tensor([[ord(s[0]) % 3 if s else -1 for s in cands] for cands in candidates])
         d = (cls[:, :, None] - cls[:, None, :]) % 3  # [N, K, K]
         rps = (d == 1).float() - (d == 2).float()  # +1: i's class beats j's
         rps[(cls[:, :, None] < 0) | (cls[:, None, :] < 0)] = 0  # empty texts have no class
@@ -1112,9 +1107,8 @@ def shard(model, env: Env):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     kw = dict(
-        mesh=init_device_mesh(
-            env.device.type, (env.world,)
-        ),  # the default mesh would pick CUDA on a CPU run
+        # the default mesh would pick CUDA on a CPU run
+        mesh=init_device_mesh(env.device.type, (env.world,)),
         mp_policy=(
             MixedPrecisionPolicy(torch.bfloat16, torch.float32)
             if env.bf16
@@ -1129,10 +1123,9 @@ def shard(model, env: Env):
 
 @contextmanager
 def full_weights(model):
-    """Gather the full parameters once for no-grad work, then reshard: 2-4× faster than an
-    all-gather per layer and per decoded token, and free of collectives, so ranks may decode
-    different lengths (calling generate on a sharded model without synced_gpus hung). A no-op
-    without FSDP."""
+    """Gather the full parameters once for no-grad work, then reshard: one all-gather instead of
+    one per layer and per decoded token, and no collectives inside, so ranks may stop decoding
+    at different lengths. A no-op without FSDP."""
     from torch.distributed.fsdp import FSDPModule
 
     fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]
@@ -1142,12 +1135,10 @@ def full_weights(model):
     try:
         yield
     finally:
-        for (
-            m
-        ) in (
-            fsdp
-        ):  # back to FSDP2's defaults: the root keeps its weights from forward to backward (as
-            m.reshard()  # sequence_logps runs the LM head after the forward), the layers do not
+        # back to FSDP2's defaults: the root keeps its weights from forward to backward (as
+        # sequence_logps runs the LM head after the forward), the layers do not
+        for m in fsdp:
+            m.reshard()
             m.set_reshard_after_forward(m is not model, recurse=False)
 
 
@@ -1175,15 +1166,14 @@ class StaticDecoder:
                 i,
                 {"cache_position": torch.arange(T, device=device)},
             )
-        self.model, self.kw, self.pos, self.graph, self.warm = (
-            model,
-            cache_kwargs(model, static),
-            T,
-            None,
-            False,
-        )
+        self.model = model
+        self.kw = cache_kwargs(model, static)
+        self.pos = T  # the next token's slot in the cache
+        self.graph = None
+        self.warm = False  # a first, real step has run (capture needs one)
         self.mask = F.pad(mask, (0, max_new_tokens), value=0)  # [B, T + max_new_tokens]
-        self.token, self.position_ids = torch.zeros(2, B, 1, dtype=torch.long, device=device)
+        self.token = torch.zeros(B, 1, dtype=torch.long, device=device)
+        self.position_ids = torch.zeros(B, 1, dtype=torch.long, device=device)
         self.cache_position = torch.zeros(1, dtype=torch.long, device=device)
         self.cuda_graph = cuda_graph and device.type == "cuda"
 
@@ -1211,7 +1201,8 @@ class StaticDecoder:
             self.graph.replay()
             return self.logits.clone()
         # the first step: real, on a side stream, as capture needs
-        self.warm, stream = True, torch.cuda.Stream()
+        self.warm = True
+        stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             logits = self.forward()
@@ -1504,12 +1495,9 @@ def save(model, tokenizer, path: str, samples: list, held_out: list, env: Env, o
     if env.distributed:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        state = get_model_state_dict(
-            model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-        )
-        for key in getattr(
-            model, "all_tied_weights_keys", {}
-        ):  # e.g. GPT-2's lm_head = wte: store it once
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(model, options=options)
+        for key in getattr(model, "all_tied_weights_keys", {}):  # GPT-2's lm_head = wte: once
             state.pop(key, None)
     if env.rank == 0:
         with uninterrupted():  # Ctrl-C waits for the save: it holds a whole iteration
@@ -1549,6 +1537,22 @@ class StepTotals(dict):
                 self[f"{it['role']}_logratio"] += r
                 self[f"{it['role']}_winrate"] += it["win_rate"]
                 self[f"{it['role']}_count"] += 1
+
+
+def cyclic_prompts(M, cfg: Config):
+    """How many prompts' K responses hold a preference cycle (None below K = 3: none can)."""
+    if cfg.k < 3:
+        return None
+    return int(preference_cycles(M).sum())
+
+
+def sample_rows(prompts: list, answers: list, M, P_hat, winners: list, losers: list) -> list:
+    """samples.jsonl: per prompt its responses, the judge's logits, win rates, winner and loser."""
+    rows = []
+    for i, (prompt, responses) in enumerate(zip(prompts, answers)):
+        rows.append(dict(prompt=prompt, responses=responses, logits=M[i].tolist(),
+                         win_rates=P_hat[i].tolist(), winner=winners[i], loser=losers[i]))
+    return rows
 
 
 def iteration_line(m: dict, n_prompts: int, n_trained: int) -> str:
@@ -1676,9 +1680,7 @@ def packaged_gguf(hub_id: str):
     return module, spec.submodule_search_locations[0], file
 
 
-def checkpoint_layers(
-    model,
-):  # activations recomputed in backward, non-reentrant (5.2x renamed the method)
+def checkpoint_layers(model):  # recompute activations in backward (5.2x renamed the method)
     if enable := getattr(model, "activation_checkpointing_enable", None):
         return enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -1687,34 +1689,18 @@ def checkpoint_layers(
 # Architectures whose layers are all attention that takes a custom 4D mask and explicit position
 # ids (each tested); others (hybrids with Mamba, convolutions or linear attention, ALiBi, GPT-Neo's
 # local windows) get a row per response.
-SHARED_ROWS = {
-    "llama",
-    "mistral",
-    "qwen2",
-    "qwen3",
-    "phi3",
-    "gemma",
-    "gemma2",
-    "gemma3_text",
-    "cohere",
-    "granite",
-    "gpt2",
-}
+SHARED_ROWS = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text",
+               "cohere", "granite", "gpt2"}
 
 
-def shared_row_limit(
-    model,
-) -> float:  # collate's window: the longest prompt + response that may share a row
-    return (
-        (getattr(model.config, "sliding_window", None) or math.inf)
-        if model.config.model_type in SHARED_ROWS
-        else 0
-    )
+def shared_row_limit(model) -> float:
+    """collate's window: the longest prompt + response that may share a row (0: none)."""
+    if model.config.model_type not in SHARED_ROWS:
+        return 0
+    return getattr(model.config, "sliding_window", None) or math.inf
 
 
-def context_length(
-    model,
-) -> int:  # positions the model has for a prompt and its response (unbounded: 10⁹)
+def context_length(model) -> int:  # positions for a prompt and its response (unbounded: 10⁹)
     return getattr(model.config, "max_position_embeddings", None) or 10**9
 
 
@@ -1849,13 +1835,10 @@ def read_dataset(source: str, ext: str, cfg: Config) -> list:
     import datasets
 
     hub = ext not in PROMPT_FILES
-    if hub and not (
-        os.environ.get("HF_HUB_OFFLINE") or hub_reachable(source)
-    ):  # not ~50 s of retries
-        fail(
-            f"cannot read prompts '{source}': the hub cannot be reached; pass --prompts FILE "
-            "(.jsonl, .txt, …) or --prompts builtin (a set in the hub's cache: HF_HUB_OFFLINE=1)"
-        )
+    # asked first, rather than after ~50 s of retries
+    if hub and not (os.environ.get("HF_HUB_OFFLINE") or hub_reachable(source)):
+        fail(f"cannot read prompts '{source}': the hub cannot be reached; pass --prompts FILE "
+             "(.jsonl, .txt, …) or --prompts builtin (a set in the hub's cache: HF_HUB_OFFLINE=1)")
     try:
         if hub:
             ds = datasets.load_dataset(source, split=cfg.prompt_split)
@@ -1947,32 +1930,22 @@ def memory_plan(cfg: Config, a: dict, gpus: int) -> dict:
     shards = 4 * P / gpus  # fp32 master weights, sharded
     shards += 4 * P / gpus if cfg.kl and cfg.eval_prompts else 0  # + π_1 for the KL, sharded alike
     pairrm = judged_by_pairrm(cfg)
-    kv = (
-        2
-        * a["layers"]
-        * a["kv_dim"]
-        * 2
-        * cfg.sample_batch_size
-        * cfg.k
-        * (cfg.max_prompt_length + cfg.max_new_tokens)
-    )
+    rows = cfg.sample_batch_size * cfg.k
+    kv = 2 * a["layers"] * a["kv_dim"] * 2 * rows * (cfg.max_prompt_length + cfg.max_new_tokens)
     per_prompt = 2 if cfg.pairs == "winner-loser" else cfg.k
-    tokens = (
-        max(1, cfg.batch_size // (cfg.grad_accum * gpus)) * per_prompt * cfg.max_length
-    )  # micro-batch
-    saved = (
-        a["layers"] if cfg.grad_checkpointing else 34 * a["layers"]
-    )  # ~34·h bytes/token/layer w/o (Korthikanti)
-    act = (
-        tokens * a["hidden"] * 2 * (saved + 34) + 10 * 2**24
-    )  # + one layer's recompute, one chunk of logits
+    prompts = max(1, cfg.batch_size // (cfg.grad_accum * gpus))  # per micro-batch
+    tokens = prompts * per_prompt * cfg.max_length
+    # bf16 activations kept per token: the layer inputs with checkpointing, ~34·h per layer
+    # without (Korthikanti et al.), + one layer's recompute, + one chunk of logits
+    saved = a["layers"] if cfg.grad_checkpointing else 34 * a["layers"]
+    act = tokens * a["hidden"] * 2 * (saved + 34) + 10 * 2**24
     opt = (4 if cfg.optimizer == "rmsprop" else 8) * P / gpus
+    gathered = 2 * 2 * P / a["layers"]  # two layers' bf16 weights, unsharded
     return dict(
         sampling=(shards + 2 * P + kv) / G,  # + the gathered bf16 copy + KV cache
-        judging=(shards + (2 * PAIRRM_PARAMS + 8 * G) * pairrm)
-        / G,  # + PairRM in bf16, ~8 GiB acts.
-        training=(shards + 4 * P / gpus + opt + 2 * 2 * P / a["layers"] + act) / G,
-    )  # + grads, state, 2 layers
+        judging=(shards + (2 * PAIRRM_PARAMS + 8 * G) * pairrm) / G,  # + PairRM, ~8 GiB acts
+        training=(shards + 4 * P / gpus + opt + gathered + act) / G,  # + grads, optimiser state
+    )
 
 
 def dry_run(cfg: Config):
@@ -2273,9 +2246,7 @@ def uninterrupted():
             raise KeyboardInterrupt(caught[0])
 
 
-def on_sigterm(
-    signum, frame
-):  # a scheduler's SIGTERM (SLURM's preemption or time limit, Kubernetes' eviction) is a Ctrl-C
+def on_sigterm(signum, frame):  # a scheduler's SIGTERM (SLURM, Kubernetes) is a Ctrl-C
     raise KeyboardInterrupt(signum)
 
 
@@ -2285,9 +2256,8 @@ def write_text(path: str, text: str):
         with open(path + ".tmp", "w") as f:
             f.write(text)
             f.flush()
-            os.fsync(
-                f.fileno()
-            )  # on disk before the rename: a crashed node never leaves an empty "finished" stage
+            # on disk before the rename: a crashed node never leaves an empty "finished" stage
+            os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
 
 
@@ -2360,9 +2330,7 @@ RULES = {
 
 
 class Parser(argparse.ArgumentParser):
-    def error(
-        self, message
-    ):  # one line, like every other input error, with the nearest flag for a typo
+    def error(self, message):  # one line, as every input error, with the nearest flag for a typo
         near = []
         if message.startswith("unrecognized arguments"):  # a misspelled flag, not a wrong value
             flags = [w.split("=")[0] for w in message.split() if w.startswith("--")]

@@ -1426,6 +1426,35 @@ def test_bench_cpu_bf16_stage_by_stage(stage, smollm2):
 
 
 @bench
+def test_bench_pairrm_batch_shapes_on_the_cpu():
+    """fp32 PairRM at its real size, 4 prompts × K 3 at classroom lengths: one pair at a time (llm-blender's
+    rank(batch_size=1) shape) against length-sorted batches capped at 32 pairs and 2048, 1024 or 512 padded
+    tokens, or 4 pairs. Pairs per second; the default shape must not be slower than one pair at a time."""
+    import statistics
+    rm = real_size_pairrm()
+    g = torch.Generator().manual_seed(0)
+    text = lambda n: words(*torch.randint(0, 200, (n,), generator=g).tolist())
+    prompts = [text(12) for _ in range(4)]
+    cands = [[text(int(n)) for n in torch.randint(25, 45, (3,), generator=g)] for _ in prompts]
+    shapes = {"one pair": (1, 10**9), "32 pairs / 2048 (default)": (32, 2048), "32 / 1024": (32, 1024),
+              "32 / 512": (32, 512), "4 / 4096": (4, 4096)}
+    seconds, first = {name: [] for name in shapes}, None
+    for round_ in range(3):  # the first is a warm-up
+        for name, (pairs, tokens) in shapes.items():
+            rm.max_batch_tokens = tokens
+            t0 = time.perf_counter()
+            M = rm.logit_matrices(prompts, cands, batch_size=pairs)
+            if round_:
+                seconds[name].append(time.perf_counter() - t0)
+            first = M if first is None else first
+            assert torch.allclose(M, first, atol=1e-4), name  # batch-mates never change a logit
+    rates = {name: 24 / statistics.median(s) for name, s in seconds.items()}
+    report_bench("pairrm_cpu_batch_shape", rates["32 pairs / 2048 (default)"], rates["one pair"], "pairs/s",
+                 all_shapes=rates)
+    assert rates["32 pairs / 2048 (default)"] >= rates["one pair"]
+
+
+@bench
 def test_bench_one_prefill_per_prompt():
     """16 prompts of 256 tokens × K 5, 32 new tokens, 60M Llama: sample(k=5), which prefills each prompt
     once and repeats its KV cache, against sample on the 80 repeated rows (80 prefills)."""
