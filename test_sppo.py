@@ -111,7 +111,11 @@ class Forked:
     """A run of sppo.main() in a forked process (see FORKS), with Popen's pid, poll, wait and communicate."""
 
     def __init__(self, args, cwd=HERE, env=None, patch=""):
-        self.files = [tempfile.mkstemp(prefix="sppo_", suffix=f".{name}")[1] for name in ("out", "err")]
+        self.files = []  # the child's stdout and stderr
+        for name in ("out", "err"):
+            fd, path = tempfile.mkstemp(prefix="sppo_", suffix=f".{name}")
+            os.close(fd)  # the child opens it by name
+            self.files.append(path)
         code = FORKED_RUN.format(cwd=str(cwd), env=dict(env or os.environ), stdout=self.files[0],
                                  stderr=self.files[1], script=os.path.join(HERE, "sppo.py"),
                                  args=[str(a) for a in args], patch=patch)
