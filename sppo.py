@@ -2518,11 +2518,12 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
         cfg = parse_config(argv)
-        (
+        if cfg.demo:
             nash_demo(cfg.eta, cfg.iterations)
-            if cfg.demo
-            else dry_run(cfg) if cfg.dry_run else run(cfg)
-        )
+        elif cfg.dry_run:
+            dry_run(cfg)
+        else:
+            run(cfg)
     except UserError as e:
         if "--debug" in argv:
             raise
