@@ -1389,6 +1389,15 @@ def real_size_pairrm():
     return pairrm_lite.PairRM(DebertaV2Config(**{**enc, "vocab_size": 128005}), tiny_pairrm_tokenizer()).eval()
 
 
+def random_prompts_and_answers(g, n: int, K: int, words_per_answer=(25, 45)):
+    """n prompts of 12 random words and K answers each of words_per_answer (low, high) words, drawn from g."""
+    def text(length):
+        return words(*torch.randint(0, 200, (length,), generator=g).tolist())
+    prompts = [text(12) for _ in range(n)]
+    answers = [[text(int(m)) for m in torch.randint(*words_per_answer, (K,), generator=g)] for _ in prompts]
+    return prompts, answers
+
+
 def medium_pairrm_config(vocab_size):
     """PairRM's encoder config at a quarter of its width and depth (hidden 512, 6 layers, 8 heads): the
     benchmarks' medium random checkpoint."""
@@ -1419,9 +1428,7 @@ def test_bench_cpu_bf16_stage_by_stage(stage, smollm2):
     if stage == "judging":
         rm32 = real_size_pairrm()
         rm16 = copy.deepcopy(rm32).to(torch.bfloat16)
-        text = lambda n: words(*torch.randint(0, 200, (n,), generator=g).tolist())
-        prompts = [text(12) for _ in range(4)]
-        cands = [[text(int(n)) for n in torch.randint(25, 45, (3,), generator=g)] for _ in prompts]
+        prompts, cands = random_prompts_and_answers(g, 4, 3)
         t16, t32, M16, M32 = timed_pair(lambda: rm16.logit_matrices(prompts, cands),
                                         lambda: rm32.logit_matrices(prompts, cands), repeats=2)
         report_bench(f"cpu_bf16_{stage}", 24 / t16, 24 / t32, "pairs/s", units=native,
@@ -1470,11 +1477,10 @@ def test_bench_cpu_bf16_pairrm_parity(judge):
     rm32 = medium_pairrm() if judge == "medium" else real_size_pairrm()
     low = {"bf16": copy.deepcopy(rm32).to(torch.bfloat16), "fp16": copy.deepcopy(rm32).to(torch.float16)}
     g = torch.Generator().manual_seed(0)
-    text = lambda n: words(*torch.randint(0, 200, (n,), generator=g).tolist())
     errors = []
     for K in (3, 5):
-        prompts = [text(12) for _ in range((16 if K == 3 else 8) // (1 if judge == "medium" else 2))]
-        cands = [[text(int(n)) for n in torch.randint(25, 45, (K,), generator=g)] for _ in prompts]
+        n = (16 if K == 3 else 8) // (1 if judge == "medium" else 2)
+        prompts, cands = random_prompts_and_answers(g, n, K)
         M32 = rm32.logit_matrices(prompts, cands)  # [N, K, K]
         P32 = sppo.win_rates(sppo.pairwise_probs(M32, "official"))  # [N, K]
         figures = {}
@@ -1532,10 +1538,9 @@ def test_bench_pairrm_batch_shapes_on_the_cpu(size, words_per_answer):
     import statistics
     rm = real_size_pairrm() if size == "real" else medium_pairrm()
     g = torch.Generator().manual_seed(0)
-    text = lambda n: words(*torch.randint(0, 200, (n,), generator=g).tolist())
     K = 3 if size == "real" else 5
-    prompts = [text(12) for _ in range(4 if size == "real" else 8 if words_per_answer[1] < 100 else 2)]
-    cands = [[text(int(n)) for n in torch.randint(*words_per_answer, (K,), generator=g)] for _ in prompts]
+    n = 4 if size == "real" else 8 if words_per_answer[1] < 100 else 2
+    prompts, cands = random_prompts_and_answers(g, n, K, words_per_answer)
     shapes = {"one pair": (1, 10**9), "32 / 2048": (32, 2048), "32 pairs / 1024 (default)": (32, 1024),
               "32 / 512": (32, 512), "4 / 4096": (4, 4096)}
     seconds, first = {name: [] for name in shapes}, None
@@ -1594,21 +1599,18 @@ def test_bench_pairrm_against_llm_blender(words_per_answer, tmp_path):
     import logging
     import transformers
     from llm_blender.gpt_eval.utils import get_scores_from_cmps
-    from transformers import DebertaV2Config
-    tok = tiny_pairrm_tokenizer()
-    enc = medium_pairrm_config(tok.get_vocab_size())
-    torch.manual_seed(0)
-    state = {k: v.contiguous() for k, v in pairrm_lite.PairRM(DebertaV2Config(**enc), tok).state_dict().items()}
-    ranker = write_llm_blender_pairrm(tmp_path, enc, tok, state)
+    written = medium_pairrm()
+    enc = medium_pairrm_config(written.tokenizer.get_vocab_size())
+    state = {k: v.contiguous() for k, v in written.state_dict().items()}
+    ranker = write_llm_blender_pairrm(tmp_path, enc, written.tokenizer, state)
     logging.disable(logging.WARNING)  # llm-blender warns about its optional packages
     blender = llm_blender.Blender()
     blender.blender_config.use_tqdm = False
     blender.loadranker(str(ranker), device="cpu")
     ours = pairrm_lite.PairRM.from_pretrained(str(ranker), backbone_config=str(tmp_path / "deberta_config.json"))
     g = torch.Generator().manual_seed(0)
-    text = lambda n: words(*torch.randint(0, 200, (n,), generator=g).tolist())
-    prompts = [text(12) for _ in range(8 if words_per_answer[1] < 100 else 4)]
-    cands = [[text(int(n)) for n in torch.randint(*words_per_answer, (5,), generator=g)] for _ in prompts]
+    n = 8 if words_per_answer[1] < 100 else 4
+    prompts, cands = random_prompts_and_answers(g, n, 5, words_per_answer)
     pairs = len(prompts) * 5 * 4
 
     def official():
