@@ -1526,6 +1526,39 @@ def test_bench_cpu_bf16_greedy_parity(smollm2):
                  bf16_s=seconds["bf16"])
 
 
+# patch= for run_sppo: --bf16 takes effect on a CPU without bf16 units too (emulated there)
+BF16_EVEN_IF_EMULATED = """
+native_units = sppo.cpu_bf16_units()
+def native_or_emulated():
+    return native_units or "emulated: no bf16 units"
+sppo.cpu_bf16_units = native_or_emulated
+"""
+
+
+@bench
+def test_bench_cpu_bf16_classroom_win_rate(tmp_path):
+    """The classroom preset (`--model smollm2-135m`: SmolLM2, the panel, 3 iterations) in fp32 and with
+    --bf16, the held-out win rates against the start side by side. Where the CPU lacks bf16 units the bf16
+    run emulates them (cpu_bf16_units patched, so that --bf16 takes effect; slow, but the same rounding).
+    The panel scores words, not logits, so any difference comes from sampling and training in bf16.
+    Asserts iteration 3 within 0.1 of fp32's (12 held-out prompts × 3 answers: runs move by ~±0.04)."""
+    runs = {}
+    for name in ("fp32", "bf16"):
+        out = tmp_path / name
+        flags, patch = (["--no-bf16"], "") if name == "fp32" else ([], BF16_EVEN_IF_EMULATED)
+        r = run_sppo("--model", "smollm2-135m", "--out", out, *flags, patch=patch, timeout=7200)
+        assert r.returncode == 0, said(r)
+        assert ("this CPU computes bf16" in r.stderr) == (name == "bf16"), r.stderr
+        lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = [m for m in lines if m.get("win_rate_vs_base") is not None]  # one per iteration
+    rates = {name: [m["win_rate_vs_base"] for m in ms] for name, ms in runs.items()}
+    report_bench("cpu_bf16_classroom_win_rate", rates["bf16"][-1], rates["fp32"][-1],
+                 "held-out win rate against the start after iteration 3", units=sppo.cpu_bf16_units(),
+                 **{f"{name}_{key}": [m[key] for m in ms] for name, ms in runs.items()
+                    for key in ("win_rate_vs_base", "win_rate_vs_prev", "kl_vs_base", "seconds")})
+    assert abs(rates["bf16"][-1] - rates["fp32"][-1]) < 0.1 and rates["bf16"][-1] > 0.5
+
+
 @bench
 @pytest.mark.parametrize("size, words_per_answer", [("real", (25, 45)), ("medium", (20, 60)), ("medium", (60, 150)),
                                                     ("medium", (150, 350))], ids=["real", "short", "mid", "long"])
