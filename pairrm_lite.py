@@ -88,8 +88,8 @@ class PairRM(nn.Module):
         tokenizer.no_padding()
         self.source_max_length, self.candidate_max_length = source_max_length, candidate_max_length
         # Padded tokens per batch. DeBERTa's attention tensors are [B, heads, T, T]: on a CPU,
-        # 1024 is never slower than one pair at a time, 2048 is at ~500-token pairs (README,
-        # Performance).
+        # 1024 is never slower than one pair at a time, 2048 is slower at ~500-token pairs
+        # (README, Performance).
         self.max_batch_tokens = 1024
         self.batch_size = 32  # pairs per forward, at most
         ids = {name: tokenizer.token_to_id(tok) for name, tok in PREFIXES.items()}

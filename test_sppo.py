@@ -865,13 +865,13 @@ def smollm2(tmp_path_factory):
     import contextlib
     import io
     folder = tmp_path_factory.mktemp("smollm2") / "model"
-    said_ = io.StringIO()
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(said_):
+    preset_said = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(preset_said):
         mp.setattr(sppo, "hub_reachable", lambda repo_id: False)
         model, tokenizer = sppo.load_policy(SMOLLM2, sppo.parse_config(["--model", "smollm2-135m"]), sppo.Env())
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    (folder.parent / "preset_said.txt").write_text(said_.getvalue())
+    (folder.parent / "preset_said.txt").write_text(preset_said.getvalue())
     return folder
 
 
