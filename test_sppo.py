@@ -36,12 +36,16 @@ def timed_pair(ours, theirs, repeats=3):
     return statistics.median(times[ours]), statistics.median(times[theirs]), results[ours], results[theirs]
 
 
+def append_bench(**fields):
+    """Append one JSON line to bench.jsonl (or $SPPO_BENCH_FILE), with the thread count."""
+    with open(os.environ.get("SPPO_BENCH_FILE", os.path.join(HERE, "bench.jsonl")), "a") as f:
+        f.write(json.dumps(dict(fields, threads=torch.get_num_threads())) + "\n")
+
+
 def report_bench(name, ours, theirs, unit, **extra):
     """Print one line and append it as JSON to bench.jsonl (or $SPPO_BENCH_FILE)."""
     print(f"\nbench {name}: ours {ours:.4g}, theirs {theirs:.4g}, ratio {ours / theirs:.2f} ({unit})")
-    with open(os.environ.get("SPPO_BENCH_FILE", os.path.join(HERE, "bench.jsonl")), "a") as f:
-        f.write(json.dumps(dict(name=name, ours=ours, theirs=theirs, ratio=ours / theirs, unit=unit,
-                                threads=torch.get_num_threads(), **extra)) + "\n")
+    append_bench(name=name, ours=ours, theirs=theirs, ratio=ours / theirs, unit=unit, **extra)
 
 
 # --tee 3: each rank's output also reaches torchrun's, line by line behind [default<rank>]:, so that a
@@ -1358,26 +1362,44 @@ def bench_llama(size):
 
 
 @bench
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("size, rows", [("60m", 16), ("60m", 40), ("smollm2", 16), ("smollm2", 40)])
-def test_bench_sampling_against_generate(size, rows, request):
+def test_bench_sampling_against_generate(size, rows, precision, request):
     """sample vs generate(do_sample=True, top_k=0): same model, temperature 1, top-p 0.9, rows / 4
     prompts × K 4, 12-token prompts, 32 new tokens (EOS never hit, so both decode every step). Tokens/s.
-    60m: a random 60M Llama (32k vocabulary); smollm2: SmolLM2-135M-Instruct (49k vocabulary)."""
+    60m: a random 60M Llama (32k vocabulary); smollm2: SmolLM2-135M-Instruct (49k vocabulary).
+    bf16: both under bf16 autocast, as sppo samples where the CPU computes bf16; only on such a CPU."""
     from transformers import AutoModelForCausalLM
+    env = sppo.Env(bf16=precision == "bf16")
+    if env.bf16 and not sppo.cpu_bf16_units():
+        pytest.skip("this CPU has no bf16 units: bf16 would be emulated")
     model = bench_llama(size) if size == "60m" else AutoModelForCausalLM.from_pretrained(request.getfixturevalue("smollm2")).eval()
     ids = torch.randint(5, 3000, (rows // 4, 12), generator=torch.Generator().manual_seed(0))
     mask, repeated = torch.ones_like(ids), ids.repeat_interleave(4, 0)
-    greedy = sppo.sample(model, ids, mask, max_new_tokens=8, temperature=0.0, top_p=1.0, eos_token_id=-1, pad_token_id=0, k=4)
-    theirs_greedy = model.generate(input_ids=repeated, attention_mask=torch.ones_like(repeated), do_sample=False,
-                                   max_new_tokens=8, min_new_tokens=8, pad_token_id=0)[:, 12:]
-    assert torch.equal(greedy, theirs_greedy)
-    ours = lambda: sppo.sample(model, ids, mask, max_new_tokens=32, temperature=1.0, top_p=0.9, eos_token_id=-1, pad_token_id=0,
-                               k=4, generator=[torch.Generator().manual_seed(i) for i in range(rows)])
-    theirs = lambda: model.generate(input_ids=repeated, attention_mask=torch.ones_like(repeated), do_sample=True,
-                                    temperature=1.0, top_p=0.9, top_k=0, max_new_tokens=32, min_new_tokens=32, pad_token_id=0)
+    if not env.bf16:  # in bf16 the two batch shapes may round a near-tie apart
+        greedy = sppo.sample(model, ids, mask, max_new_tokens=8, temperature=0.0, top_p=1.0,
+                             eos_token_id=-1, pad_token_id=0, k=4)
+        theirs_greedy = model.generate(input_ids=repeated, attention_mask=torch.ones_like(repeated),
+                                       do_sample=False, max_new_tokens=8, min_new_tokens=8,
+                                       pad_token_id=0)[:, 12:]
+        assert torch.equal(greedy, theirs_greedy)
+
+    def ours():
+        gens = [torch.Generator().manual_seed(i) for i in range(rows)]
+        with env.amp():
+            return sppo.sample(model, ids, mask, max_new_tokens=32, temperature=1.0, top_p=0.9,
+                               eos_token_id=-1, pad_token_id=0, k=4, generator=gens)
+
+    def theirs():
+        with env.amp():
+            return model.generate(input_ids=repeated, attention_mask=torch.ones_like(repeated),
+                                  do_sample=True, temperature=1.0, top_p=0.9, top_k=0,
+                                  max_new_tokens=32, min_new_tokens=32, pad_token_id=0)
+
     t_ours, t_theirs, a, b = timed_pair(ours, theirs, repeats=5)
     assert a.shape == (rows, 32) and b.shape == (rows, 12 + 32)
-    report_bench(f"sampling_{size}_{rows}", rows * 32 / t_ours, rows * 32 / t_theirs, "tokens/s", rows=rows)
+    name = f"sampling_{size}_{rows}" + ("_bf16" if env.bf16 else "")
+    report_bench(name, rows * 32 / t_ours, rows * 32 / t_theirs, "tokens/s", rows=rows)
     assert t_theirs / t_ours >= 1.5
 
 
@@ -1561,6 +1583,57 @@ def test_bench_cpu_bf16_classroom_win_rate(tmp_path):
     assert abs(rates["bf16"][-1] - rates["fp32"][-1]) < 0.1 and rates["bf16"][-1] > 0.5
 
 
+def stand_in_pairrm_tokenizer(smollm2):
+    """SmolLM2's byte-level BPE (49k vocabulary) as a stand-in for PairRM's own DeBERTa-v3 tokenizer,
+    which cannot be downloaded here: DeBERTa's [CLS] … [SEP] template and PairRM's four prefixes
+    added, offline."""
+    from tokenizers import AddedToken, Tokenizer, processors
+    tok = Tokenizer.from_file(str(smollm2 / "tokenizer.json"))
+    tok.add_special_tokens(["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"])
+    tok.add_tokens([AddedToken(t, special=False, normalized=True) for t in pairrm_lite.PREFIXES.values()])
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                       special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return tok
+
+
+@bench
+def test_bench_cpu_bf16_classroom_iteration_with_pairrm(smollm2, tmp_path):
+    """One iteration of the classroom preset (`--model smollm2-135m`) judged by a PairRM of the real size
+    (deberta-v3-large shape, random weights, the stand-in tokenizer), in fp32 and, where the CPU computes
+    bf16, with --bf16: wall seconds per stage, side by side. Target: bf16's iteration <= 4 minutes. Where
+    the CPU lacks the units only fp32 runs (bf16 would be emulated, 7-9x slower): a laptop's figure."""
+    import itertools
+    from transformers import AutoTokenizer, DebertaV2Config
+    tok = stand_in_pairrm_tokenizer(smollm2)
+    enc = dict(pairrm_lite.DEBERTA_V3_LARGE, vocab_size=128005)
+    torch.manual_seed(0)
+    model = pairrm_lite.PairRM(DebertaV2Config(**{k: v for k, v in enc.items() if k != "model_type"}), tok)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    judge = write_pairrm(tmp_path / "pairrm", "hf", state, tok, enc, tmp_path / "UNPICKLED")
+    del state
+    native = sppo.cpu_bf16_units()
+    splits = {}
+    for name in ("fp32", "bf16") if native else ("fp32",):
+        out = tmp_path / name
+        flags = ["--no-bf16"] if name == "fp32" else ["--bf16"]
+        r = run_sppo("--model", "smollm2-135m", "--judge", judge, "--iterations", "1", "--out", out, *flags,
+                     timeout=3600)
+        assert r.returncode == 0, said(r)
+        assert ("this CPU computes bf16" in r.stderr) == (name == "bf16"), r.stderr
+        m = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
+        splits[name] = {s: round(m[f"{s}_seconds"], 1) for s in ("sample", "judge", "train", "eval")}
+        splits[name]["iteration"] = round(m["seconds"], 1)
+        print(f"\nbench classroom iteration with PairRM, {name}: {splits[name]} (seconds)")
+    chat = AutoTokenizer.from_pretrained(smollm2)
+    rows = [json.loads(x) for x in (tmp_path / "fp32" / "iter1" / "samples.jsonl").read_text().splitlines()]
+    lengths = [len(model.encode_pair(sppo.render_prompt(chat, row["prompt"])[0], a, b))
+               for row in rows for a, b in itertools.permutations(row["responses"], 2)]
+    append_bench(name="cpu_bf16_classroom_iteration_with_pairrm", units=native, seconds=splits,
+                 mean_pair_tokens=sum(lengths) / len(lengths))
+    assert not native or splits["bf16"]["iteration"] <= 240
+
+
 @bench
 @pytest.mark.parametrize("size, words_per_answer", [("real", (25, 45)), ("medium", (20, 60)), ("medium", (60, 150)),
                                                     ("medium", (150, 350))], ids=["real", "short", "mid", "long"])
@@ -1707,12 +1780,14 @@ def test_bench_training_step_overhead():
     assert t_ours / t_theirs <= 1.10
 
 
-def trl_comparison_worker(contender: str, accum: int = 1, ckpt: bool = False, pairs: int = 64, steps: int = 2):
+def trl_comparison_worker(contender: str, accum: int = 1, ckpt: bool = False, pairs: int = 64, steps: int = 2,
+                          bf16: bool = False):
     """One contender in its own process (peak RSS is per process): seconds per optimiser step (the step
     after a warm-up step) and peak RSS, printed as JSON. The same random 60M Llama (32k vocabulary), the
     same pairs: a 40-token prompt and a winner and a loser of 72 tokens + EOS (113-token rows), 64 pairs
-    per optimiser step in `accum` micro-steps, RMSprop at lr 5e-7, fp32, gradient checkpointing (non-reentrant,
-    the authors' setting) on both sides or on neither.
+    per optimiser step in `accum` micro-steps, RMSprop at lr 5e-7, gradient checkpointing (non-reentrant,
+    the authors' setting) on both sides or on neither; fp32, or with bf16 both under bf16 autocast over fp32
+    weights (TRL's bf16=True through accelerate; sppo's Env(bf16=True)).
     'trl': TRL's DPOTrainer, loss sppo_hard, with its separate reference model; 'sppo': our reference
     pass + train_step; 'sppo-unshared': the same with one row per response (the prompt run twice);
     'sppo-full-logits': that with the head and log-softmax at every position (this file's first version)."""
@@ -1747,7 +1822,7 @@ def trl_comparison_worker(contender: str, accum: int = 1, ckpt: bool = False, pa
                          max_steps=steps, loss_type=["sppo_hard"], beta=0.001, optim="rmsprop", learning_rate=5e-7,
                          gradient_checkpointing=ckpt, gradient_checkpointing_kwargs={"use_reentrant": False}, report_to="none", save_strategy="no", logging_steps=10**6,
                          use_cpu=True, dataloader_num_workers=0, max_length=None,
-                         bf16=False)  # TRL defaults to bf16, which a CPU without AMX emulates slowly
+                         bf16=bf16)  # TRL defaults to bf16, which a CPU without bf16 units emulates slowly
         DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=data, processing_class=tok,
                    callbacks=[Clock()]).train()
     else:
@@ -1755,37 +1830,43 @@ def trl_comparison_worker(contender: str, accum: int = 1, ckpt: bool = False, pa
             sppo.shared_row_limit = lambda m: 0
         if contender == "sppo-full-logits":
             sppo.sequence_logps = lambda m, *batch, **kw: full_logits_logps(m, *batch)
-        cfg, env = sppo.Config(batch_size=pairs, grad_accum=accum, eta=1000.0, lr=5e-7), sppo.Env()
+        cfg, env = sppo.Config(batch_size=pairs, grad_accum=accum, eta=1000.0, lr=5e-7), sppo.Env(bf16=bf16)
         opt = torch.optim.RMSprop(model.parameters(), lr=5e-7)
         for s in range(steps):
             t0 = time.perf_counter()
             batch = [[dict(prompt=p, response=r + [2], win_rate=w, role=role) for r, w, role in ((c, 1.0, "winner"), (x, 0.0, "loser"))]
                      for p, c, x in rows[s * pairs: (s + 1) * pairs]]
             items = [it for group in batch for it in group]
-            with torch.no_grad():  # π_t's log-probs, once per response (as TRL's reference model does), in micro-batches
+            with torch.no_grad(), env.amp():  # π_t's log-probs, once per response (as TRL's reference model does), in micro-batches
                 for i in range(0, len(items), len(items) // accum):
                     chunk = items[i: i + len(items) // accum]
                     for it, lp in zip(chunk, sppo.items_logps(model, chunk, 0, env).tolist()):
                         it["ref_logp"] = lp
             sppo.train_step(model, opt, batch, cfg, 0, env)
             times.append(time.perf_counter() - t0)
-    print(json.dumps(dict(contender=contender, accum=accum, ckpt=ckpt, seconds_per_step=times[-1], tokens_per_step=pairs * 2 * 113,
+    print(json.dumps(dict(contender=contender, accum=accum, ckpt=ckpt, bf16=bf16, seconds_per_step=times[-1], tokens_per_step=pairs * 2 * 113,
                           peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
 
 
 @bench
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("accum, ckpt", [(1, False), (4, False), (4, True)])
-def test_bench_training_against_trl(accum, ckpt):
+def test_bench_training_against_trl(accum, ckpt, precision):
     """Training tokens/s and peak RSS against TRL's DPOTrainer, like for like (see the worker): the 64
     pairs of a step in `accum` micro-steps, gradient checkpointing on both sides or on neither; each
     contender in its own process, three rounds, alternating; medians. 'before': this file's first
-    version (full logits), in the first setting."""
+    version (full logits), in the first setting. bf16: both under bf16 autocast, only on a CPU with
+    bf16 units."""
     pytest.importorskip("trl")
+    bf16 = precision == "bf16"
+    if bf16 and not sppo.cpu_bf16_units():
+        pytest.skip("this CPU has no bf16 units: bf16 would be emulated")
     import statistics
-    runs = {c: [] for c in ("sppo", "trl") + (("sppo-full-logits",) if accum == 1 and not ckpt else ())}
+    full_logits = accum == 1 and not ckpt and not bf16  # the first version, in the first setting only
+    runs = {c: [] for c in ("sppo", "trl") + (("sppo-full-logits",) if full_logits else ())}
     for _ in range(3):
         for c in runs:
-            r = subprocess.run([sys.executable, "-c", f"import test_sppo; test_sppo.trl_comparison_worker({c!r}, {accum}, {ckpt})"],
+            r = subprocess.run([sys.executable, "-c", f"import test_sppo; test_sppo.trl_comparison_worker({c!r}, {accum}, {ckpt}, bf16={bf16})"],
                                cwd=HERE, capture_output=True, text=True, timeout=3600)
             assert r.returncode == 0, said(r)
             runs[c].append(json.loads(r.stdout.strip().splitlines()[-1]))
@@ -1793,7 +1874,7 @@ def test_bench_training_against_trl(accum, ckpt):
     rss = {c: statistics.median(x["peak_rss_mib"] for x in v) for c, v in runs.items()}
     # this machine's speed drifts by up to ±25% within an hour: the ratio of each round's neighbouring runs is steadier
     ratios = [a["seconds_per_step"] / b["seconds_per_step"] for a, b in zip(runs["trl"], runs["sppo"])]
-    report_bench(f"training_vs_trl_accum{accum}" + ("_ckpt" if ckpt else ""), tps["sppo"], tps["trl"], "tokens/s",
+    report_bench(f"training_vs_trl_accum{accum}" + ("_ckpt" if ckpt else "") + ("_bf16" if bf16 else ""), tps["sppo"], tps["trl"], "tokens/s",
                  rss_ratio=rss["sppo"] / rss["trl"], peak_rss_mib=rss, tokens_per_s=tps, median_round_ratio=statistics.median(ratios),
                  runs=runs)
     # what held in every run here (the goals, >= 2x and <= 0.5x: see the README)
@@ -1813,8 +1894,7 @@ def test_bench_default_run(tmp_path):
     split = {s: round(sum(m[f"{s}_seconds"] for m in iters), 2) for s in ("sample", "judge", "train", "eval")}
     split["start-up, base eval, saving"] = round(wall - sum(m["seconds"] for m in iters), 2)
     print(f"\nbench default_run: {wall:.1f} s wall, split {split}")
-    with open(os.environ.get("SPPO_BENCH_FILE", os.path.join(HERE, "bench.jsonl")), "a") as f:
-        f.write(json.dumps(dict(name="default_run", wall_s=wall, split_s=split, threads=torch.get_num_threads())) + "\n")
+    append_bench(name="default_run", wall_s=wall, split_s=split)
     assert wall <= 60
 
 
@@ -2360,8 +2440,7 @@ def record(name, **figures):
     """Print one GPU figure and append it, with the device's name, to bench.jsonl (or $SPPO_BENCH_FILE)."""
     line = dict(name=name, device=torch.cuda.get_device_name(), torch=torch.__version__, **figures)
     print(f"\n{json.dumps(line)}")
-    with open(os.environ.get("SPPO_BENCH_FILE", os.path.join(HERE, "bench.jsonl")), "a") as f:
-        f.write(json.dumps(line) + "\n")
+    append_bench(**line)
 
 
 def cuda_seconds(fn, repeats=3):
