@@ -1411,7 +1411,9 @@ def real_size_pairrm(tokenizer=None):
     enc = {k: v for k, v in pairrm_lite.DEBERTA_V3_LARGE.items() if k != "model_type"}
     torch.manual_seed(0)
     config = DebertaV2Config(**{**enc, "vocab_size": 128005})
-    return pairrm_lite.PairRM(config, tokenizer or tiny_pairrm_tokenizer()).eval()
+    if tokenizer is None:
+        tokenizer = tiny_pairrm_tokenizer()
+    return pairrm_lite.PairRM(config, tokenizer).eval()
 
 
 def amx_targets() -> bool:
