@@ -1372,8 +1372,8 @@ def test_bench_sampling_against_generate(size, rows, precision, request):
     CPU, and the target asserted only with AMX (amx_targets)."""
     from transformers import AutoModelForCausalLM
     env = sppo.Env(bf16=precision == "bf16")
-    if env.bf16 and not sppo.cpu_bf16_units():
-        pytest.skip("this CPU has no bf16 units: bf16 would be emulated")
+    if env.bf16:
+        skip_without_bf16_units()
     model = bench_llama(size) if size == "60m" else AutoModelForCausalLM.from_pretrained(request.getfixturevalue("smollm2")).eval()
     ids = torch.randint(5, 3000, (rows // 4, 12), generator=torch.Generator().manual_seed(0))
     mask, repeated = torch.ones_like(ids), ids.repeat_interleave(4, 0)
@@ -1414,6 +1414,12 @@ def real_size_pairrm(tokenizer=None):
     if tokenizer is None:
         tokenizer = tiny_pairrm_tokenizer()
     return pairrm_lite.PairRM(config, tokenizer).eval()
+
+
+def skip_without_bf16_units():
+    """A bf16 row of a peer bench measures native bf16 only: emulated, its ratio means nothing."""
+    if not sppo.cpu_bf16_units():
+        pytest.skip("this CPU has no bf16 units: bf16 would be emulated")
 
 
 def amx_targets() -> bool:
@@ -1570,6 +1576,17 @@ sppo.cpu_bf16_units = native_or_emulated
 """
 
 
+def classroom_preset_metrics(out, precision, *flags, patch=""):
+    """`python sppo.py --model smollm2-135m` (the classroom preset) with --no-bf16 (fp32) or --bf16,
+    checked to have run in that precision: its metrics.jsonl lines."""
+    precision_flag = "--no-bf16" if precision == "fp32" else "--bf16"
+    r = run_sppo("--model", "smollm2-135m", "--out", out, precision_flag, *flags, patch=patch,
+                 timeout=7200)
+    assert r.returncode == 0, said(r)
+    assert ("this CPU computes bf16" in r.stderr) == (precision == "bf16"), r.stderr
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 @bench
 def test_bench_cpu_bf16_classroom_win_rate(tmp_path):
     """The classroom preset (`--model smollm2-135m`: SmolLM2, the panel, 3 iterations) in fp32 and with
@@ -1580,12 +1597,8 @@ def test_bench_cpu_bf16_classroom_win_rate(tmp_path):
     0.1 of fp32's (12 held-out prompts × 3 answers: runs move by ~±0.04)."""
     runs = {}
     for name in ("fp32", "bf16"):
-        out = tmp_path / name
-        flags, patch = (["--no-bf16"], "") if name == "fp32" else ([], BF16_EVEN_IF_EMULATED)
-        r = run_sppo("--model", "smollm2-135m", "--out", out, *flags, patch=patch, timeout=7200)
-        assert r.returncode == 0, said(r)
-        assert ("this CPU computes bf16" in r.stderr) == (name == "bf16"), r.stderr
-        lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        patch = BF16_EVEN_IF_EMULATED if name == "bf16" else ""
+        lines = classroom_preset_metrics(tmp_path / name, name, patch=patch)
         runs[name] = [m for m in lines if m.get("win_rate_vs_base") is not None]  # one per iteration
         assert len(runs[name]) == 3, lines
     rates = {name: [m["win_rate_vs_base"] for m in ms] for name, ms in runs.items()}
@@ -1630,13 +1643,8 @@ def test_bench_cpu_bf16_classroom_iteration_with_pairrm(smollm2, tmp_path):
     native = sppo.cpu_bf16_units()
     splits = {}
     for name in ("fp32", "bf16") if native else ("fp32",):
-        out = tmp_path / name
-        flags = ["--no-bf16"] if name == "fp32" else ["--bf16"]
-        r = run_sppo("--model", "smollm2-135m", "--judge", judge, "--iterations", "1", "--out", out,
-                     *flags, timeout=3600)
-        assert r.returncode == 0, said(r)
-        assert ("this CPU computes bf16" in r.stderr) == (name == "bf16"), r.stderr
-        m = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
+        lines = classroom_preset_metrics(tmp_path / name, name, "--judge", judge, "--iterations", "1")
+        m = lines[-1]  # the iteration's
         splits[name] = {s: round(m[f"{s}_seconds"], 1) for s in ("sample", "judge", "train", "eval")}
         splits[name]["iteration"] = round(m["seconds"], 1)
         print(f"\nbench classroom iteration with PairRM, {name}: {splits[name]} (seconds)")
@@ -1878,8 +1886,8 @@ def test_bench_training_against_trl(accum, ckpt, precision):
     bf16 units."""
     pytest.importorskip("trl")
     bf16 = precision == "bf16"
-    if bf16 and not sppo.cpu_bf16_units():
-        pytest.skip("this CPU has no bf16 units: bf16 would be emulated")
+    if bf16:
+        skip_without_bf16_units()
     import statistics
     full_logits = accum == 1 and not ckpt and not bf16  # the first version, in the first setting only
     runs = {c: [] for c in ("sppo", "trl") + (("sppo-full-logits",) if full_logits else ())}
