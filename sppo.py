@@ -1619,7 +1619,8 @@ def load_policy(path: str, cfg: Config, env: Env):
             kw["local_files_only"] = True  # the hub's cache, at once
         try:
             if gguf:
-                model, tokenizer = load_gguf(gguf, kw, keep=env.rank == 0)
+                keep = int(os.environ.get("LOCAL_RANK", 0)) == 0  # one copy per machine
+                model, tokenizer = load_gguf(gguf, kw, keep)
             else:
                 tokenizer = AutoTokenizer.from_pretrained(path, **kw)
                 model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
@@ -1697,28 +1698,38 @@ def load_gguf(path: str, kw: dict, keep: bool):
 
 def gguf_cache_folder(path: str) -> str:
     """Where a GGUF file's dequantised copy is kept: $XDG_CACHE_HOME/sppo (~/.cache/sppo), one
-    folder per file, named by its path, size and time of change, so a changed file is read anew."""
+    folder per file and transformers version, named by the file's path, size and time of change,
+    so a changed file is read anew."""
+    import transformers
+
     stat = os.stat(path)
-    key = f"{os.path.abspath(path)} {stat.st_size} {stat.st_mtime_ns}"
+    key = f"{os.path.abspath(path)} {stat.st_size} {stat.st_mtime_ns} {transformers.__version__}"
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     name = f"{os.path.basename(path).removesuffix('.gguf')}-{digest}"
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    cache = xdg if os.path.isabs(xdg) else os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(cache, "sppo", name)
 
 
+KEPT = "sppo-kept.json"  # a kept copy's files and their sizes, written last
+
+
 def read_kept(folder: str, kw: dict, mend: bool):
-    """The model and tokenizer kept in folder, or None: none is kept there, or the copy is damaged
-    (then removed, if mend, to be made anew)."""
+    """The model and tokenizer kept in folder, or None: nothing is kept there, or the copy differs
+    from its list of files and sizes or does not load (then removed, if mend, to be made anew)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not os.path.isfile(os.path.join(folder, "config.json")):  # complete: it appears by a rename
+    if not os.path.exists(folder):
         return None
     try:
+        for name, size in read_json(os.path.join(folder, KEPT)).items():
+            if os.path.getsize(os.path.join(folder, name)) != size:
+                raise ValueError(f"{name} is not the {size} bytes it was")
         tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
         return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw), tokenizer
     except Exception as e:  # a file deleted or cut short since: the GGUF file is still there
-        warn(f"the dequantised copy in {folder} cannot be read ({first_line(e)}): dequantising "
-             "the GGUF file again")
+        warn(f"the dequantised copy in {folder} is damaged ({first_line(e)}): dequantising the "
+             "GGUF file again")
         if mend:
             shutil.rmtree(folder, ignore_errors=True)
         return None
@@ -1727,25 +1738,32 @@ def read_kept(folder: str, kw: dict, mend: bool):
 def keep_in_cache(model, tokenizer, folder: str) -> bool:
     """Save a model folder all or nothing: written beside it, then renamed into place (a rename
     another process won is no error). A cache that cannot be written costs a line, not the run."""
-    parent = os.path.dirname(folder)
+    parent, name = os.path.split(folder)
     try:
         os.makedirs(parent, exist_ok=True)
-        partial = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}-", dir=parent)
+        for entry in os.listdir(parent):  # copies left half-written by a run killed an hour ago
+            stale = os.path.join(parent, entry)
+            if entry.startswith(f".{name}-") and time.time() - os.path.getmtime(stale) > 3600:
+                shutil.rmtree(stale, ignore_errors=True)
+        partial = tempfile.mkdtemp(prefix=f".{name}-", dir=parent)
         try:
             model.save_pretrained(partial)
             tokenizer.save_pretrained(partial)
+            sizes = {f: os.path.getsize(os.path.join(partial, f)) for f in os.listdir(partial)}
+            write_json(os.path.join(partial, KEPT), sizes)
+            os.chmod(partial, 0o755)  # readable by the cache's other users, as a plain folder is
             os.rename(partial, folder)
         except BaseException:  # a full disk, Ctrl-C: no partial copy stays behind
             shutil.rmtree(partial, ignore_errors=True)
             raise
-    except OSError as e:
-        if os.path.isfile(os.path.join(folder, "config.json")):  # another process saved it first
+    except Exception as e:  # OSError, or safetensors' own error on a full disk
+        if os.path.isfile(os.path.join(folder, KEPT)):  # another process kept it first
             return True
         warn(f"cannot keep the dequantised model in {parent} ({first_line(e)}): the next run "
              "dequantises it again")
         return False
-    size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)) / 1e6
-    say0(f"dequantised once, kept in {folder} ({size:.0f} MB): later runs read it from there")
+    say0(f"dequantised once, kept in {folder} ({sum(sizes.values()) / 1e6:.0f} MB): later runs "
+         "read it from there")
     return True
 
 

@@ -915,35 +915,60 @@ def test_the_smollm2_preset_without_the_hub_reads_the_packaged_gguf(smollm2, mon
 
 
 def test_a_gguf_copy_is_kept_by_file_and_all_or_nothing(tmp_path, monkeypatch, capsys):
-    """The cache folder follows the file (its path, size and time of change); a copy is renamed
-    into place whole, a copy another process kept first is no error, a damaged copy is removed to
-    be made anew, and a cache that cannot be written costs one warning and no exception."""
+    """The cache folder follows the file (its path, size and time of change) and transformers'
+    version; a copy is renamed into place whole with its list of files, a copy another process
+    kept first is no error, a copy damaged since is removed to be made anew, and a cache that
+    cannot be written (a full disk, a file in the way) costs one warning and no exception."""
+    import transformers
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     gguf_file = tmp_path / "m.gguf"
     gguf_file.write_bytes(b"GGUF")
     first = sppo.gguf_cache_folder(str(gguf_file))
-    assert first.startswith(str(tmp_path / "cache" / "sppo" / "m-"))
+    parent = os.path.dirname(first)
+    assert parent == str(tmp_path / "cache" / "sppo") and os.path.basename(first).startswith("m-")
     assert sppo.gguf_cache_folder(str(gguf_file)) == first
     os.utime(gguf_file, ns=(1, 1))
     assert sppo.gguf_cache_folder(str(gguf_file)) != first  # a changed file is read anew
+    first = sppo.gguf_cache_folder(str(gguf_file))
+    with monkeypatch.context() as m:
+        m.setattr(transformers, "__version__", "0.0.1")
+        assert sppo.gguf_cache_folder(str(gguf_file)) != first  # another conversion
+        m.setenv("XDG_CACHE_HOME", "relative")  # the XDG spec: a relative path is ignored
+        assert sppo.gguf_cache_folder(str(gguf_file)).startswith(os.path.expanduser("~/.cache/"))
     model, tokenizer = sppo.tiny_model(0)
+    os.makedirs(os.path.join(parent, f".{os.path.basename(first)}-killed"))  # a killed run's
+    os.utime(os.path.join(parent, f".{os.path.basename(first)}-killed"), (1, 1))
+    os.makedirs(os.path.join(parent, f".{os.path.basename(first)}-writing"))  # another's, now
     assert sppo.keep_in_cache(model, tokenizer, first)
-    assert os.listdir(os.path.dirname(first)) == [os.path.basename(first)]  # no partial copy left
+    assert sorted(os.listdir(parent)) == sorted([f".{os.path.basename(first)}-writing",
+                                                 os.path.basename(first)])
+    os.rmdir(os.path.join(parent, f".{os.path.basename(first)}-writing"))
+    assert os.stat(first).st_mode & 0o777 == 0o755
     assert "dequantised once, kept in" in capsys.readouterr().err
     before = os.stat(os.path.join(first, "model.safetensors")).st_mtime_ns
     assert sppo.keep_in_cache(model, tokenizer, first)  # kept already (another process): no error
-    assert os.listdir(os.path.dirname(first)) == [os.path.basename(first)]
+    assert os.listdir(parent) == [os.path.basename(first)]  # and no partial copy left
     assert os.stat(os.path.join(first, "model.safetensors")).st_mtime_ns == before
     kept, _ = sppo.read_kept(first, {}, mend=True)
     assert all(torch.equal(kept.state_dict()[k], v) for k, v in model.state_dict().items())
-    os.truncate(os.path.join(first, "model.safetensors"), 100)  # damaged since: made anew
-    assert sppo.read_kept(first, {}, mend=True) is None and not os.path.exists(first)
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "cannot be read" in err and "dequantising the GGUF" in err, err
+    damage = {"a template deleted": lambda: os.remove(os.path.join(first, "chat_template.jinja")),
+              "config.json deleted": lambda: os.remove(os.path.join(first, "config.json")),
+              "weights cut short": lambda: os.truncate(os.path.join(first, "model.safetensors"), 100)}
+    for how, damage_it in damage.items():
+        assert sppo.keep_in_cache(model, tokenizer, first) and os.path.isdir(first)
+        capsys.readouterr()
+        damage_it()
+        assert sppo.read_kept(first, {}, mend=True) is None and not os.path.exists(first), how
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is damaged" in err and "dequantising the GGUF" in err, err
+    full = RuntimeError("No space left on device (os error 28)")  # safetensors' error, no OSError
+    with monkeypatch.context() as m:
+        m.setattr(model, "save_pretrained", raising(full, model.save_pretrained))
+        assert not sppo.keep_in_cache(model, tokenizer, first) and os.listdir(parent) == []
     (tmp_path / "file").write_text("")
     assert not sppo.keep_in_cache(model, tokenizer, str(tmp_path / "file" / "sppo" / "m-x"))
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "warning: cannot keep the dequantised model" in err, err
+    assert err.count("\n") == 2 and err.count("warning: cannot keep the dequantised model") == 2, err
 
 
 def test_smollm2_chat_template_renders_as_apply_chat_template(smollm2):
@@ -1621,19 +1646,21 @@ sppo.cpu_bf16_units = native_or_emulated
 """
 
 
-def classroom_preset_metrics(out, precision, *flags, patch=""):
+def classroom_preset_metrics(smollm2, out, precision, *flags, patch=""):
     """`python sppo.py --model smollm2-135m` (the classroom preset) with --no-bf16 (fp32) or --bf16,
-    checked to have run in that precision: its metrics.jsonl lines."""
+    checked to have run in that precision: its metrics.jsonl lines. It reads the dequantised copy
+    that the smollm2 fixture kept (not the user's ~/.cache)."""
     precision_flag = "--no-bf16" if precision == "fp32" else "--bf16"
+    cache = {**os.environ, "XDG_CACHE_HOME": str(smollm2.parent / "cache")}
     r = run_sppo("--model", "smollm2-135m", "--out", out, precision_flag, *flags, patch=patch,
-                 timeout=7200)
+                 timeout=7200, env=cache)
     assert r.returncode == 0, said(r)
     assert ("this CPU computes bf16" in r.stderr) == (precision == "bf16"), r.stderr
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @bench
-def test_bench_cpu_bf16_classroom_win_rate(tmp_path):
+def test_bench_cpu_bf16_classroom_win_rate(smollm2, tmp_path):
     """The classroom preset (`--model smollm2-135m`: SmolLM2, the panel, 3 iterations) in fp32 and with
     --bf16, the held-out win rates against the start side by side. Where the CPU lacks bf16 units the bf16
     run emulates them (cpu_bf16_units patched, so that --bf16 takes effect; slow, and the native units may
@@ -1643,7 +1670,7 @@ def test_bench_cpu_bf16_classroom_win_rate(tmp_path):
     runs = {}
     for name in ("fp32", "bf16"):
         patch = BF16_EVEN_IF_EMULATED if name == "bf16" else ""
-        lines = classroom_preset_metrics(tmp_path / name, name, patch=patch)
+        lines = classroom_preset_metrics(smollm2, tmp_path / name, name, patch=patch)
         runs[name] = [m for m in lines if m.get("win_rate_vs_base") is not None]  # one per iteration
         assert len(runs[name]) == 3, lines
     rates = {name: [m["win_rate_vs_base"] for m in ms] for name, ms in runs.items()}
@@ -1688,7 +1715,8 @@ def test_bench_cpu_bf16_classroom_iteration_with_pairrm(smollm2, tmp_path):
     native = sppo.cpu_bf16_units()
     splits = {}
     for name in ("fp32", "bf16") if native else ("fp32",):
-        lines = classroom_preset_metrics(tmp_path / name, name, "--judge", judge, "--iterations", "1")
+        lines = classroom_preset_metrics(smollm2, tmp_path / name, name, "--judge", judge,
+                                         "--iterations", "1")
         m = lines[-1]  # the iteration's
         splits[name] = {s: round(m[f"{s}_seconds"], 1) for s in ("sample", "judge", "train", "eval")}
         splits[name]["iteration"] = round(m["seconds"], 1)
