@@ -2598,11 +2598,12 @@ def resumed_config(given: dict) -> Config:
 
 
 def missing_folder(name: str) -> bool:
-    """A name meant as a local path (./, ../, /, ~, or one whose parent folder exists) that does
-    not exist. A hub id (owner/name) is not a path."""
+    """A name meant as a local path (./, ../, /, ~, a .gguf or .py file, or one whose parent folder
+    exists) that does not exist. A hub id (owner/name) is not a path."""
     path = os.path.expanduser(name)
     parent = os.path.dirname(path)
-    meant = name.startswith((".", "/", "~")) or (parent != "" and os.path.isdir(parent))
+    a_file = name.endswith((".gguf", ".py"))  # read only from the disk, never from the hub
+    meant = name.startswith((".", "/", "~")) or a_file or (parent != "" and os.path.isdir(parent))
     return meant and not os.path.exists(path)
 
 

@@ -2339,6 +2339,8 @@ def test_bad_inputs_get_one_line_and_exit_code_2(tmp_path, capsys, monkeypatch):
         "missing model folder": (["--model", str(tmp_path / "no-such-model"), *offline], "no-such-model: no such file or folder"),
         "relative model path": (["--model", "./no/such/model"], "--model ./no/such/model: no such file or folder"),
         "relative judge path": (["--judge", "./no/such/judge"], "--judge ./no/such/judge: no such file or folder"),
+        "a missing .gguf": (["--model", "nope.gguf"], "--model nope.gguf: no such file or folder"),
+        "a missing judge file": (["--judge", "nope.py"], "--judge nope.py: no such file or folder"),
         "out is a file": (["--out", str(tmp_path / "empty.jsonl")], "is a file, not a folder: pick another --out"),
         "resume a model folder": (["--resume", str(tmp_path / "no_eos")], "its config.json is not an sppo run's"),
         "a wrong value": (["--k", "two"], "argument --k: invalid int value: 'two' (python sppo.py --help"),
