@@ -1596,7 +1596,6 @@ def disable_dropout(model):
 def load_policy(path: str, cfg: Config, env: Env):
     """The policy and its tokenizer (the built-in tiny model, or a Hugging Face folder or hub id),
     dropout off, sharded under torchrun."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # keep our own bars only
@@ -1622,8 +1621,7 @@ def load_policy(path: str, cfg: Config, env: Env):
                 keep = int(os.environ.get("LOCAL_RANK", 0)) == 0  # one copy per machine
                 model, tokenizer = load_gguf(gguf, kw, keep)
             else:
-                tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-                model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
+                model, tokenizer = load_folder(path, kw)
         except (OSError, ValueError) as e:
             if offline:
                 hint = f"; {GGUF_PACKAGES[path][2]}" if path in GGUF_PACKAGES else ""
@@ -1676,19 +1674,22 @@ def packaged_gguf(hub_id: str):
     return module, spec.submodule_search_locations[0], file
 
 
+def load_folder(path: str, kw: dict):
+    """An fp32 model and its tokenizer from a folder or hub id (kw: from_pretrained's options)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw), tokenizer
+
+
 def load_gguf(path: str, kw: dict, keep: bool):
     """A GGUF file's model and tokenizer, dequantised to fp32 once and then read from sppo's cache:
     transformers spends ~40 s dequantising SmolLM2's 93 MB file, a saved folder loads in ~1 s."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     cached = gguf_cache_folder(path)
     if (kept := read_kept(cached, kw, mend=keep)) is not None:
         return kept
-    folder, file = os.path.split(path)
-    tokenizer = AutoTokenizer.from_pretrained(folder or ".", gguf_file=file, **kw)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder or ".", gguf_file=file, dtype=torch.float32, **kw
-    )
+    folder, file = os.path.split(os.path.abspath(path))
+    model, tokenizer = load_folder(folder, {**kw, "gguf_file": file})
     del model.config.quantization_config  # from now on a plain fp32 model
     model.hf_quantizer = None
     if keep:
@@ -1717,16 +1718,13 @@ KEPT = "sppo-kept.json"  # a kept copy's files and their sizes, written last
 def read_kept(folder: str, kw: dict, mend: bool):
     """The model and tokenizer kept in folder, or None: nothing is kept there, or the copy differs
     from its list of files and sizes or does not load (then removed, if mend, to be made anew)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if not os.path.exists(folder):
         return None
     try:
         for name, size in read_json(os.path.join(folder, KEPT)).items():
             if os.path.getsize(os.path.join(folder, name)) != size:
                 raise ValueError(f"{name} is not the {size} bytes it was")
-        tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw), tokenizer
+        return load_folder(folder, kw)
     except Exception as e:  # a file deleted or cut short since: the GGUF file is still there
         warn(f"the dequantised copy in {folder} is damaged ({first_line(e)}): dequantising the "
              "GGUF file again")
@@ -1741,10 +1739,7 @@ def keep_in_cache(model, tokenizer, folder: str) -> bool:
     parent, name = os.path.split(folder)
     try:
         os.makedirs(parent, exist_ok=True)
-        for entry in os.listdir(parent):  # copies left half-written by a run killed an hour ago
-            stale = os.path.join(parent, entry)
-            if entry.startswith(f".{name}-") and time.time() - os.path.getmtime(stale) > 3600:
-                shutil.rmtree(stale, ignore_errors=True)
+        remove_stale_copies(parent, name)
         partial = tempfile.mkdtemp(prefix=f".{name}-", dir=parent)
         try:
             model.save_pretrained(partial)
@@ -1765,6 +1760,15 @@ def keep_in_cache(model, tokenizer, folder: str) -> bool:
     say0(f"dequantised once, kept in {folder} ({sum(sizes.values()) / 1e6:.0f} MB): later runs "
          "read it from there")
     return True
+
+
+def remove_stale_copies(parent: str, name: str):
+    """Copies of name left half-written by a run killed while saving, an hour ago or more (a newer
+    one may be another run's, still being written)."""
+    for entry in os.listdir(parent):
+        stale = os.path.join(parent, entry)
+        if entry.startswith(f".{name}-") and time.time() - os.path.getmtime(stale) > 3600:
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def checkpoint_layers(model):  # recompute activations in backward (5.2x renamed the method)

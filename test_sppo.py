@@ -936,13 +936,15 @@ def test_a_gguf_copy_is_kept_by_file_and_all_or_nothing(tmp_path, monkeypatch, c
         m.setenv("XDG_CACHE_HOME", "relative")  # the XDG spec: a relative path is ignored
         assert sppo.gguf_cache_folder(str(gguf_file)).startswith(os.path.expanduser("~/.cache/"))
     model, tokenizer = sppo.tiny_model(0)
-    os.makedirs(os.path.join(parent, f".{os.path.basename(first)}-killed"))  # a killed run's
-    os.utime(os.path.join(parent, f".{os.path.basename(first)}-killed"), (1, 1))
-    os.makedirs(os.path.join(parent, f".{os.path.basename(first)}-writing"))  # another's, now
+    killed = os.path.join(parent, f".{os.path.basename(first)}-killed")  # a killed run's
+    writing = os.path.join(parent, f".{os.path.basename(first)}-writing")  # another's, now
+    os.makedirs(killed)
+    os.utime(killed, (1, 1))
+    os.makedirs(writing)
     assert sppo.keep_in_cache(model, tokenizer, first)
-    assert sorted(os.listdir(parent)) == sorted([f".{os.path.basename(first)}-writing",
-                                                 os.path.basename(first)])
-    os.rmdir(os.path.join(parent, f".{os.path.basename(first)}-writing"))
+    kept_and_writing = sorted([os.path.basename(writing), os.path.basename(first)])
+    assert sorted(os.listdir(parent)) == kept_and_writing  # the old partial swept, not the new
+    os.rmdir(writing)
     assert os.stat(first).st_mode & 0o777 == 0o755
     assert "dequantised once, kept in" in capsys.readouterr().err
     before = os.stat(os.path.join(first, "model.safetensors")).st_mtime_ns
