@@ -1584,13 +1584,17 @@ def test_bench_cpu_bf16_pairrm_parity(judge):
     weights (the authors' judging precision), random weights, classroom-length answers: the logits' relative
     error and the share of prompts with the same winner and loser (highest and lowest win rate) at K 3 and 5;
     a medium checkpoint on 16 prompts at K 3 and 8 at K 5, the real size on 8 and 4 (bf16 and fp16 are
-    emulated where the CPU lacks their units: ~5 s a pair at the real size). Asserts the error only: a random
-    PairRM scores its answers nearly alike, so a tiny error can swap two of them (README)."""
+    emulated where the CPU lacks their units: ~5 s a pair at the real size). Asserts the errors only: a random
+    PairRM scores its answers nearly alike, so a tiny error can swap two of them (README). bf16 keeps 8
+    significant bits to fp16's 11, so its rounding alone costs ~8x fp16's error: asserted within 16x; and
+    bf16's relative error under 2% on the medium checkpoint, its largest logit error under 0.03 at the real
+    size (whose relative errors run 7-12x the medium's in both precisions: 3-4x smaller logits, 4x the
+    depth)."""
     import copy
     rm32 = medium_pairrm() if judge == "medium" else real_size_pairrm()
     low = {"bf16": copy.deepcopy(rm32).to(torch.bfloat16), "fp16": copy.deepcopy(rm32).to(torch.float16)}
     g = torch.Generator().manual_seed(0)
-    errors = []
+    errors, largest = [], []  # (bf16, fp16) relative errors; bf16's largest logit error
     for K in (3, 5):
         n = (16 if K == 3 else 8) // (1 if judge == "medium" else 2)
         prompts, cands = random_prompts_and_answers(g, n, K)
@@ -1604,13 +1608,17 @@ def test_bench_cpu_bf16_pairrm_parity(judge):
             P = sppo.win_rates(sppo.pairwise_probs(M, "official"))
             same = (P32.argmax(-1) == P.argmax(-1)) & (P32.argmin(-1) == P.argmin(-1))  # [N]
             figures[name] = dict(same_winner_and_loser=same.float().mean().item(), seconds=seconds,
-                                 relative_logit_error=((M - M32).norm() / M32.norm()).item())
-        errors.append(figures["bf16"]["relative_logit_error"])
+                                 relative_logit_error=((M - M32).norm() / M32.norm()).item(),
+                                 max_logit_error=(M - M32).abs().max().item())
+        errors.append((figures["bf16"]["relative_logit_error"], figures["fp16"]["relative_logit_error"]))
+        largest.append(figures["bf16"]["max_logit_error"])
         report_bench(f"cpu_bf16_pairrm_parity_{judge.replace(' ', '_')}_K{K}",
                      figures["bf16"]["same_winner_and_loser"], figures["fp16"]["same_winner_and_loser"],
                      "share of prompts with fp32's winner and loser (theirs: fp16)", prompts=len(prompts),
                      units=sppo.cpu_bf16_units(), fp32_max_abs_logit=M32.abs().max().item(), **figures)
-    assert max(errors) < 0.02
+    assert all(bf16 <= 16 * fp16 for bf16, fp16 in errors), errors
+    assert judge != "medium" or max(bf16 for bf16, _ in errors) < 0.02, errors
+    assert judge == "medium" or max(largest) < 0.03, largest
 
 
 @bench
