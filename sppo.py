@@ -8,10 +8,10 @@ approaches its Nash equilibrium by multiplicative weights, π_{t+1}(y|x) ∝ π_
     θ_{t+1} = argmin_θ E_{x, y~π_t} (log π_θ(y|x) − log π_t(y|x) − η (P̂(y ≻ π_t|x) − ½))²
 
 Algorithm 1, one iteration t, in this file's order:
-    1. sample K responses per prompt from π_t               -> sample()
+    1. sample K responses per prompt from π_t               -> sample_responses(), sample()
     2. judge every ordered pair                             -> judge_all()
     3. each response's win rate P̂ against π_t               -> pairwise_probs(), win_rates()
-    4. minimise the squared loss: the result is π_{t+1}     -> sequence_logps(), sppo_loss()
+    4. minimise the squared loss: the result is π_{t+1}     -> train_iteration(), sppo_loss()
 
 Defaults are the authors' recipe (K 5, T 0.7, top-p 0.9, η 1000, RMSprop lr 5e-7, winner and
 loser by aggregated PairRM scores); `--pairs all --pair-prob paper` is Algorithm 1 as printed.
@@ -90,7 +90,7 @@ class Config:
 
 # ---------------------------------------------------------------------------------------------
 # Distributed setup. torchrun sets RANK; a plain `python sppo.py` never makes a process group.
-# Ranks share the no-grad work by chunks of prompts; every rank trains on the same batches.
+# Ranks share the no-grad work by chunks of prompts, and each global batch in training.
 
 
 @dataclass
@@ -355,9 +355,10 @@ def training_set(prompt_ids, responses, P_hat, cfg: Config):
 
 
 def sequence_logps(model, input_ids, segment, position_ids, chunk_logits: int = 2**24):
-    """log π(y|x) = Σ over response tokens of log π(y_n | x, y_<n), in fp32, a response per row
+    """log π(y|x) = Σ over response tokens of log π(y_n | x, y_<n), a response per row
     (segment: 0 prompt, i + 1 response i, −1 padding). The LM head runs at response tokens
-    only, ~chunk_logits at a time, recomputed in backward: [tokens × vocabulary] never exists."""
+    only, ~chunk_logits at a time (log-softmax in fp32), recomputed in backward: the [tokens ×
+    vocabulary] logits never exist."""
     hidden = last_hidden(model, input_ids, attention_mask=(segment >= 0).long(),
                          position_ids=position_ids, use_cache=False)  # [B, T, H]
     rows, cols = (segment > 0).nonzero(as_tuple=True)  # response tokens, [N] each
@@ -473,7 +474,7 @@ def train_iteration(model, groups, cfg: Config, t: int, pad_id: int, env: Env, l
 
 def train_step(model, opt, batch, cfg: Config, pad_id: int, env: Env) -> dict:
     """An optimiser step on a batch of prompts; returns the line it logs."""
-    units = sum(map(len, batch)) // (2 if cfg.loss in ("dpo", "ipo") else 1)  # the mean's
+    units = sum(map(len, batch)) // (2 if cfg.loss in ("dpo", "ipo") else 1)  # loss: their mean
     sums = torch.zeros(5, dtype=torch.float64)  # loss; Σ log-ratio and count per role
     for m in range(cfg.grad_accum):
         # every rank runs every micro-step (FSDP's collectives must match): one left without
@@ -525,14 +526,13 @@ def run(cfg: Config):
         base = load_policy(cfg.model, cfg, env)[0] if cfg.kl and held_out else None  # π_1
         limit = context_length(model) - cfg.max_new_tokens
         held = dict(zip(("text", "ids"), render_all(tokenizer, held_out, limit)))
+        held["text"] = judge_sources(judge, held_out, held["text"])
         held["base"] = read_answers(os.path.join(out, "eval0.json"))
         if held["base"] is None:
             held["base"] = evaluate(model, None, judge, tokenizer, held, cfg, env, 0)[0]
             write_json(os.path.join(out, "eval0.json"), with_prompts(held_out, held["base"]), env)
-        held["prev"] = held["base"]
-        if start > 1:
-            held["prev"] = read_answers(os.path.join(last, "eval.json"))
-        if eval_set and not os.path.exists(os.path.join(out, "base")):
+        held["prev"] = read_answers(os.path.join(last, "eval.json")) if start > 1 else held["base"]
+        if eval_set and start == 1:
             outputs = alpaca_outputs(model, tokenizer, eval_set, cfg, env, out, "base")
             save(None, None, os.path.join(out, "base"), outputs, env)
         log = MetricsLog(out, env)
@@ -550,7 +550,8 @@ def run(cfg: Config):
             # step 2: the judge's logit for every ordered pair
             M = read_json(work + ".judged.json")
             if M is None:
-                M = judge_all(judge, texts, answers, env, f"iter {t} judge").tolist()
+                sources = judge_sources(judge, prompt_sets[t], texts)
+                M = judge_all(judge, sources, answers, env, f"iter {t} judge").tolist()
                 write_json(work + ".judged.json", M, env)
             M = torch.tensor(M)  # [N, K, K]
             # step 3: each response's win rate P̂(y ≻ π_t | x), and the training set
@@ -558,6 +559,8 @@ def run(cfg: Config):
             groups, winners, losers = training_set(ids, responses, P_hat, cfg)
             # step 4: minimise the SPPO loss: π_t becomes π_{t+1}
             train_iteration(model, groups, cfg, t, pad_id, env, log)
+            for p in model.parameters():  # π_{t+1} is the saved iterate, in its base's dtype
+                p.data.copy_(p.data.to(dtype))
             # evaluate π_{t+1} on the held-out prompts, then save it
             held_answers, m = evaluate(model, base, judge, tokenizer, held, cfg, env, t)
             cycles = int(preference_cycles(M).sum()) if cfg.k >= 3 else None
@@ -750,6 +753,12 @@ def panel_prefer(prompt: str, a: str, b: str) -> float:
     return PANEL_LOGIT * votes
 
 
+def judge_sources(judge, prompts: list[str], texts: list[str]) -> list[str]:
+    """PairRM reads the chat-templated prompt (the authors' source); prefer() the prompt alone,
+    or the panel would reward words of a system prompt that the template adds."""
+    return texts if isinstance(judge, torch.nn.Module) else prompts
+
+
 def load_judge(cfg: Config, env: Env):
     """toy, panel, prefer() from your FILE.py (only a local file you name, run as your own
     script), or PairRM (pairrm_lite), in bf16 where the policy computes in bf16."""
@@ -863,15 +872,13 @@ def model_card(cfg: Config, m: dict, t: int) -> str:
 def save(model, tokenizer, path: str, files: dict, env: Env, dtype=torch.float32):
     """The iterate as the hub ships models: safetensors in its base's dtype, its tokenizer, and
     files; written to a temporary folder and renamed, so a crash never leaves half of one.
-    Training keeps fp32 master weights; the next iteration starts from the saved, rounded ones,
-    as the authors' pipeline does and a resumed run must."""
+    run() rounds the fp32 master weights to it first: the next iteration starts from the saved
+    iterate, as the authors' pipeline does and a resumed run must."""
     state = None
     if model is not None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions as Options
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        for p in model.parameters():
-            p.data.copy_(p.data.to(dtype))
         # under FSDP2 every rank helps gather the full state dict; rank 0 writes it
         options = Options(full_state_dict=True, cpu_offload=True)
         state = get_model_state_dict(model, options=options)
@@ -1248,7 +1255,7 @@ def load_prompts(cfg: Config, t: int, flag: str = "--prompts") -> list[str]:
     columns = list(rows.keys() if isinstance(rows, dict) else rows.column_names)
     if column not in columns:
         fail(f"{flag} {source} has no column '{column}' (it has {columns}): pass --prompt-field")
-    prompts = list(rows[column])[: cfg.num_prompts]
+    prompts = list(rows[column])[: cfg.num_prompts if flag == "--prompts" else None]
     if not all(isinstance(p, (str, type(None))) for p in prompts):
         fail(f"{flag} {source}: the column '{column}' is not text")
     kept = [p for p in prompts if p and p.strip()]
@@ -1457,7 +1464,7 @@ PRESETS = {  # overrides of the authors' recipe
     "mistral-7b": dict(model="mistralai/Mistral-7B-Instruct-v0.2"),
     "llama-3-8b": dict(model="meta-llama/Meta-Llama-3-8B-Instruct"),
 }
-# what --resume takes besides the run's config.json: flags that change no result
+# what --resume takes besides the run's config.json: flags that change no result but round-off
 RESUME_FLAGS = {"resume", "out", "iterations", "sample_batch_size", "judge_batch_size",
                 "grad_accum", "debug", "cuda_graph"}
 
@@ -1500,7 +1507,7 @@ def check(cfg: Config):
     """Values that cannot work end the run at once, before anything is read or loaded."""
     for name in ("iterations", "max_new_tokens", "epochs", "batch_size", "sample_batch_size",
                  "judge_batch_size", "grad_accum", "max_prompt_length", "num_prompts"):
-        if (getattr(cfg, name) or 1) < 1:
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             fail(f"--{name.replace('_', '-')} {getattr(cfg, name)}: it must be at least 1")
     problems = {
         "--k: SPPO compares responses, K must be at least 2": cfg.k < 2,

@@ -675,6 +675,34 @@ def test_a_model_folder_and_a_prompt_file(tmp_path):
     assert not (tmp_path / "UNPICKLED").exists()
 
 
+def test_bf16_base_gives_bf16_iterates_and_alpaca_eval_from_the_hub_cache(tmp_path):
+    """A bf16 base: iterates in bf16 that reload as bf16, and a resume from one equals the uninterrupted
+    run (both go on from the rounded weights). --eval-set tatsu-lab/alpaca_eval reads alpaca_eval.json
+    from a hub cache as a download leaves it, offline; its loading script never runs."""
+    snap = tmp_path / "hub" / "datasets--tatsu-lab--alpaca_eval" / "snapshots" / ("b" * 40)
+    snap.mkdir(parents=True)
+    (snap.parent.parent / "refs").mkdir()
+    (snap.parent.parent / "refs" / "main").write_text("b" * 40)
+    (snap / "alpaca_eval.json").write_text(json.dumps([dict(instruction="Say hi.", output="Hi.")]))
+    (snap / "alpaca_eval.py").write_text("raise SystemExit('the loading script ran')")
+    model, tok = sppo.tiny_model(0)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    env = {**ONE_THREAD, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    args = ["--model", tmp_path / "base", "--prompts", "builtin", "--judge", "toy", "--k", "3", "--lr", "1e-3",
+            "--max-new-tokens", "6", "--batch-size", "8", "--no-kl", *SHORT, "--eval-set", "tatsu-lab/alpaca_eval"]
+    for out, iterations in (("a", 2), ("b", 1), ("b", 2)):
+        more = ["--resume", tmp_path / out] if (tmp_path / out).exists() else args
+        r = run_sppo(*more, "--out", tmp_path / out, "--iterations", iterations, env=env, fresh=True)
+        assert r.returncode == 0, said(r)
+    a, b = weights(tmp_path / "a" / "iter2"), weights(tmp_path / "b" / "iter2")
+    assert {v.dtype for v in a.values()} == {torch.bfloat16} and all(torch.equal(a[k], b[k]) for k in a)
+    from transformers import AutoModelForCausalLM
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "iter2").dtype == torch.bfloat16
+    outputs = json.loads((tmp_path / "a" / "iter1" / "model_outputs.json").read_text())
+    assert [o["instruction"] for o in outputs] == ["Say hi."]
+
+
 # ---------------- SmolLM2-135M
 
 
