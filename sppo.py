@@ -155,7 +155,7 @@ def render_prompt(tokenizer, prompt: str) -> tuple[str, list[int]]:
 
 def truncate(prompt_ids, responses, max_length: int, max_prompt_length: int):
     """The authors' (TRL's) rule: if prompt + longest response > max_length, keep the prompt's
-    last max_prompt_length tokens, then cut responses still too long to the rest."""
+    last max_prompt_length tokens; responses still too long keep max_length − that many."""
     if len(prompt_ids) + max(map(len, responses)) > max_length:
         prompt_ids = prompt_ids[-max_prompt_length:]
     cut = max_length - max_prompt_length
@@ -599,6 +599,7 @@ def run(cfg: Config):
             dist.destroy_process_group()
     return out
 
+
 # ---------------------------------------------------------------------------------------------
 # Demo (--demo nash): why self-play and not Bradley-Terry. Exact SPPO on three responses whose
 # preferences form a rock-paper-scissors cycle, which no score explains.
@@ -891,7 +892,8 @@ def save(model, tokenizer, path: str, files: dict, env: Env, dtype=torch.float32
             model.save_pretrained(path + ".tmp", state_dict=state)
             tokenizer.save_pretrained(path + ".tmp")
             config = read_json(os.path.join(path + ".tmp", "config.json"))
-            files["config.json"] = dict(config, dtype=str(dtype).removeprefix("torch."))
+            saved_as = str(dtype).removeprefix("torch.")  # not the fp32 it was trained in
+            files = {**files, "config.json": dict(config, dtype=saved_as)}
         for name, content in files.items():
             with open(os.path.join(path + ".tmp", name), "w") as f:
                 f.write(content if isinstance(content, str) else json.dumps(content, indent=1))
@@ -1313,10 +1315,10 @@ def dry_run(cfg: Config):
     """The recipe (the authors' value beside a change) and the memory plan from the config."""
     from transformers import AutoModelForCausalLM
 
+    c = model_config(cfg)  # first: a config that cannot be had is the one line printed
     for f in dataclasses.fields(Config):
         value, changed = getattr(cfg, f.name), getattr(cfg, f.name) != f.default
         print(f"--{f.name.replace('_', '-'):20} {value}" + changed * f" (authors: {f.default})")
-    c = model_config(cfg)
     with torch.device("meta"):
         params = sum(p.numel() for p in AutoModelForCausalLM.from_config(c).parameters())
     heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads

