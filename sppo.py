@@ -1526,6 +1526,10 @@ def check(cfg: Config):
     for message, bad in problems.items():
         if bad:
             fail(message)
+    for flag, path in (("prompts", cfg.prompts), ("eval-set", cfg.eval_set or "")):
+        local = path.endswith((".json", ".jsonl", ".parquet", ".csv", ".txt"))
+        if local and not os.path.exists(path.replace("{t}", "1")):
+            fail(f"--{flag} {path}: no such file")
     for flag, path, kind in (("model", cfg.model, ".gguf"), ("judge", cfg.judge, ".py")):
         if (path.startswith((".", "/", "~")) or path.endswith(kind)) and not os.path.exists(path):
             fail(f"--{flag} {path}: no such file or folder")

@@ -1185,7 +1185,9 @@ def test_bad_inputs_get_one_line_and_exit_code_2(tmp_path, capsys):
         (["--batch-size", "8", "--grad-accum", "3"], "--grad-accum"), (["--top-p", "1.5"], "--top-p"),
         (["--out", tiny / "config.json"], f"--out {tiny / 'config.json'}"),
         (["--model", "./no/such/model"], "--model ./no/such/model"), (["--judge", "no.py"], "--judge no.py"),
-        (["--resume", missing], f"--resume {missing}"), (["--resume", tiny], f"--resume {tiny}")]
+        (["--resume", missing], f"--resume {missing}"), (["--resume", tiny], f"--resume {tiny}"),
+        (["--prompts", "p{t}.jsonl"], "--prompts p{t}.jsonl: no such file")]
+    capsys.readouterr()  # save_pretrained's own bars
     for args, fragment in flags:
         out = [] if "--resume" in args or "--out" in args else ["--out", tmp_path / "out"]
         assert main_exit(*out, *args) == 2, args
