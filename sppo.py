@@ -863,8 +863,8 @@ def model_card(cfg: Config, m: dict, t: int) -> str:
     data = ModelCardData(base_model=cfg.model if on_hub else None, library_name="transformers",
                          tags=["sppo", "self-play-preference-optimization"])
     recipe = ", ".join(f"{k} {getattr(cfg, k)}" for k in ("k", "eta", "loss", "pairs", "lr"))
-    figures = "".join(f"| {k} | {v:.3f} |\n" for k, v in m.items()
-                      if k in ("win_rate_vs_base", "win_rate_vs_prev", "kl_vs_base") and v)
+    shown = ("win_rate_vs_base", "win_rate_vs_prev", "kl_vs_base")
+    figures = "".join(f"| {k} | {m[k]:.3f} |\n" for k in shown if m[k] is not None)
     return (f"---\n{data.to_yaml()}\n---\n\n# SPPO iteration {t} of {cfg.model}\n\n"
             f"Self-Play Preference Optimization (arXiv 2405.00675) by sppo.py: {recipe}, judge "
             f"{cfg.judge}, prompts {cfg.prompts}.\n\n| held out | |\n|---|---|\n{figures}")
@@ -954,9 +954,10 @@ def shard(model, env: Env):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if env.bf16 else None
-    kw = dict(mesh=init_device_mesh(env.device.type, (env.world,)),  # not CUDA's on a CPU
-              mp_policy=mp or MixedPrecisionPolicy())
+    mp = MixedPrecisionPolicy()
+    if env.bf16:
+        mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32)
+    kw = dict(mesh=init_device_mesh(env.device.type, (env.world,)), mp_policy=mp)  # not CUDA's
     for m in model.modules():
         if type(m).__name__ in set(model._no_split_modules or ()):
             fully_shard(m, **kw)
@@ -1278,12 +1279,12 @@ def load_prompt_sets(cfg: Config, env: Env):
     if n_eval < cfg.eval_prompts:
         warn(f"holding out {n_eval} of {len(first)} prompts, at most a quarter")
     held_out = first[len(first) - n_eval :]
-    sets = {}
+    held, sets = set(held_out), {}
     for t in range(1, cfg.iterations + 1):
         rows = first[: len(first) - n_eval]
         if t > 1 and "{t}" in cfg.prompts:
             rows = load_prompts(cfg, t)
-        sets[t] = [p for p in rows if p not in set(held_out)]  # a copy would leak it
+        sets[t] = [p for p in rows if p not in held]  # a held-out copy would leak it
         if len(sets[t]) < len(rows):
             warn(f"dropped {len(rows) - len(sets[t])} prompt(s) of iteration {t}: held out")
         if not sets[t]:
