@@ -523,8 +523,9 @@ def run(cfg: Config):
         out, start = prepare_out(cfg, env)
         last = os.path.join(out, f"iter{start - 1}") if start > 1 else cfg.model
         model, tokenizer = load_policy(last, cfg, env)
-        base = load_policy(cfg.model, cfg, env)[0] if cfg.kl and held_out else None  # π_1
-        limit = context_length(model) - cfg.max_new_tokens
+        compute = torch.bfloat16 if env.bf16 else torch.float32  # π_1 needs no fp32 master
+        base = load_policy(cfg.model, cfg, env, compute)[0] if cfg.kl and held_out else None
+        limit = context_length(model.config) - cfg.max_new_tokens
         held = dict(zip(("text", "ids"), render_all(tokenizer, held_out, limit)))
         held["text"] = judge_sources(judge, held_out, held["text"])
         held["base"] = read_answers(os.path.join(out, "eval0.json"))
@@ -536,7 +537,6 @@ def run(cfg: Config):
             outputs = alpaca_outputs(model, tokenizer, eval_set, cfg, env, out, "base")
             save(None, None, os.path.join(out, "base"), outputs, env)
         log = MetricsLog(out, env)
-        pad_id = tokenizer.pad_token_id
         for t in range(start, cfg.iterations + 1):
             t0 = time.time()
             work = os.path.join(out, "work", f"iter{t}")
@@ -558,7 +558,7 @@ def run(cfg: Config):
             P_hat = win_rates(pairwise_probs(M, cfg.pair_prob))  # [N, K]
             groups, winners, losers = training_set(ids, responses, P_hat, cfg)
             # step 4: minimise the SPPO loss: π_t becomes π_{t+1}
-            train_iteration(model, groups, cfg, t, pad_id, env, log)
+            train_iteration(model, groups, cfg, t, tokenizer.pad_token_id, env, log)
             for p in model.parameters():  # π_{t+1} is the saved iterate, in its base's dtype
                 p.data.copy_(p.data.to(dtype))
             # evaluate π_{t+1} on the held-out prompts, then save it
@@ -845,7 +845,8 @@ def read_answers(path: str):  # a with_prompts file's answers, None if there is 
 def alpaca_outputs(model, tokenizer, instructions, cfg: Config, env: Env, out: str, name: str):
     """model_outputs.json for AlpacaEval: an answer per --eval-set instruction, seeded per
     instruction (tag −2), so the base and every iterate draw the same random numbers."""
-    _, ids = render_all(tokenizer, instructions, context_length(model) - cfg.max_new_tokens)
+    limit = context_length(model.config) - cfg.max_new_tokens
+    _, ids = render_all(tokenizer, instructions, limit)
     one = dataclasses.replace(cfg, k=1)
     answers = decode_all(tokenizer, sample_responses(model, tokenizer, ids, one, -2, env,
                                                      f"{name} --eval-set"))
@@ -948,9 +949,11 @@ def plot_curves(out: str):
 # cache replayed as a CUDA graph. Each is tested equal to the plain path it speeds up.
 
 
-def shard(model, env: Env):
-    """FSDP2 on each decoder layer (_no_split_modules), then on the root (embeddings, head):
-    fp32 master weights; with bf16, bf16 compute and fp32 gradient reductions."""
+def shard(model, full, env: Env):
+    """FSDP2 on each decoder layer (_no_split_modules), then on the root (embeddings, head),
+    with bf16 compute and fp32 gradient reductions if bf16. model is on the meta device: each
+    rank allocates its shard, and rank 0 broadcasts full's weights into the shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -962,6 +965,17 @@ def shard(model, env: Env):
         if type(m).__name__ in set(model._no_split_modules or ()):
             fully_shard(m, **kw)
     fully_shard(model, **kw)
+    model.to_empty(device=env.device)
+    state = full.state_dict() if env.rank == 0 else {}
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, state, options=options)
+    for name, buffer in model.named_buffers():  # rotary inv_freq is in no state dict
+        if env.rank == 0:
+            buffer.copy_(full.get_buffer(name))
+        dist.broadcast(buffer, 0)
+    generation = [full.generation_config if env.rank == 0 else None]  # its EOS tokens
+    dist.broadcast_object_list(generation)
+    model.generation_config = generation[0]
 
 
 @contextmanager
@@ -1172,42 +1186,53 @@ def model_config(cfg: Config):
         fail(f"cannot load --model {cfg.model}: {first_line(e)} (presets: {', '.join(PRESETS)})")
 
 
-def load_policy(path: str, cfg: Config, env: Env):
-    """The policy in fp32 and its tokenizer, dropout off, sharded under torchrun."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_policy(path: str, cfg: Config, env: Env, dtype=torch.float32):
+    """A model in dtype (the policy fp32, π_1 the compute dtype) and its tokenizer, dropout off.
+    Under torchrun rank 0 alone reads the checkpoint, and each rank keeps only its shard."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # our bars only
+    kw = dict(trust_remote_code=cfg.trust_remote_code)
     if path == "tiny":
-        model, tokenizer = tiny_model(cfg.seed)
+        full, tokenizer = tiny_model(cfg.seed)
+        config, full = full.config, full.to(dtype)
     else:
-        kw = dict(trust_remote_code=cfg.trust_remote_code)
         if path.endswith(".gguf"):  # llama.cpp's file, dequantised (needs gguf, accelerate)
             path, kw["gguf_file"] = os.path.split(os.path.abspath(path))
         tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
-        if "gguf_file" in kw:  # a plain fp32 model from now on, saved as one
-            del model.config.quantization_config
-            model.hf_quantizer = None
+        config = AutoConfig.from_pretrained(path, **kw)
+        full = None
+        if env.rank == 0:  # under torchrun only the shards' source: in its stored dtype
+            stored = "auto" if env.distributed else dtype
+            full = AutoModelForCausalLM.from_pretrained(path, dtype=stored, **kw)
+        if "gguf_file" in kw and full:  # a plain fp32 model from now on, saved as one
+            del full.config.quantization_config
+            full.hf_quantizer = None
     if tokenizer.eos_token_id is None:
         fail(f"the tokenizer of {path} has no EOS token, so no response could end: set "
              "eos_token in its tokenizer_config.json")
-    if cfg.max_new_tokens >= context_length(model):
+    if cfg.max_new_tokens >= context_length(config):
         fail(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in the "
-             f"model's {context_length(model)} positions")
+             f"model's {context_length(config)} positions")
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    model = full
+    if env.distributed:  # an empty model on every rank; shard() fills it from rank 0's
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                     trust_remote_code=cfg.trust_remote_code)
     disable_dropout(model)
     if cfg.grad_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     if env.distributed:
-        shard(model, env)
+        shard(model, full, env)
     else:
         model.to(env.device)
     return model.eval(), tokenizer
 
 
-def context_length(model) -> int:
-    return getattr(model.config, "max_position_embeddings", None) or 10**9
+def context_length(config) -> int:
+    return getattr(config, "max_position_embeddings", None) or 10**9
 
 
 def render_all(tokenizer, prompts: list[str], limit: int):
@@ -1295,7 +1320,7 @@ def load_prompt_sets(cfg: Config, env: Env):
 def memory_plan(cfg: Config, a: dict, gpus: int) -> dict:
     """GiB per GPU in each phase, from first principles (bf16: 2 bytes, fp32: 4)."""
     G, P = 2**30, a["params"]
-    shards = 4 * P / gpus * (2 if cfg.kl and cfg.eval_prompts else 1)  # fp32, + π_1's
+    shards = (4 + 2 * (cfg.kl and cfg.eval_prompts > 0)) * P / gpus  # fp32, + π_1's bf16
     rows = cfg.sample_batch_size * cfg.k
     kv = 2 * a["layers"] * a["kv_dim"] * 2 * rows * (cfg.max_prompt_length + cfg.max_new_tokens)
     per_prompt = 2 if cfg.pairs == "winner-loser" else cfg.k
@@ -1334,8 +1359,9 @@ def dry_run(cfg: Config):
         per_gpu = max(1, cfg.batch_size // (cfg.grad_accum * gpus))
         print(f"{gpus:4}  {per_gpu:22}  {m['sampling']:8.1f}  {m['judging']:7.1f}  "
               f"{m['training']:8.1f}  {'yes' if max(m.values()) < 80 else 'no'}")
-    print(f"fewer GPUs: raise --grad-accum, lower --sample-batch-size. Each process loads the "
-          f"fp32 checkpoint ({4 * params / 2**30:.1f} GiB) before sharding.")
+    stored = (c.dtype or torch.float32).itemsize * params / 2**30
+    print(f"fewer GPUs: raise --grad-accum, lower --sample-batch-size. Rank 0 alone reads the "
+          f"checkpoint ({stored:.1f} GiB of host memory while it loads) and sends each its shard.")
 
 
 def prepare_out(cfg: Config, env: Env):

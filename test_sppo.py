@@ -570,7 +570,7 @@ def test_memory_plan_by_hand():
                       grad_accum=1, max_length=50, grad_checkpointing=True, optimizer="rmsprop", kl=False)
     m = sppo.memory_plan(cfg, a, gpus=2)
     with_kl = sppo.memory_plan(dataclasses.replace(cfg, kl=True), a, gpus=2)
-    assert all(math.isclose(with_kl[k] - m[k], 2e9 / G) for k in m)  # π_1's fp32 shard
+    assert all(math.isclose(with_kl[k] - m[k], 1e9 / G) for k in m)  # π_1's bf16 shard
     # sampling: 4e9/2 fp32 shard + 2e9 bf16 gathered + KV 2·10·100·2 bytes · 2 rows · 100 tokens
     assert math.isclose(m["sampling"], (2e9 + 2e9 + 2 * 10 * 100 * 2 * 2 * 100) / G)
     # training: shard + grads + RMSprop state (2e9 each) + 2 bf16 layers (4e8) + activations of 1 prompt
@@ -1027,6 +1027,56 @@ def test_two_processes_give_the_samples_and_weights_of_one(uninterrupted_torchru
     assert (r.stdout + r.stderr).count("iter 1: win rate") == 1 and (two / "iter2" / "model.safetensors").exists()
 
 
+LOAD_SCRIPT = """import sys, torch
+sys.path.insert(0, {here!r})
+import sppo
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def rss():  # this process's resident memory, MiB
+    with open("/proc/self/status") as f:
+        return next(int(x.split()[1]) for x in f if x.startswith("VmRSS")) / 1024
+cfg = sppo.parse_config(["--model", sys.argv[1], "--judge", "toy", *sys.argv[3:]])
+env = sppo.setup(cfg)
+before = rss()
+model = sppo.load_policy(cfg.model, cfg, env)[0]
+base = sppo.load_policy(cfg.model, cfg, env)[0]
+mib = rss() - before  # after loading, before anything is gathered
+state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+torch.save(dict(mib=mib, state=state, buffers=dict(base.named_buffers()),
+                eos=model.generation_config.eos_token_id), f"{{sys.argv[2]}}/rank{{env.rank}}.pt")
+torch.distributed.destroy_process_group()
+"""
+
+
+def load_in_two_processes(tmp_path, folder, *flags):  # each rank's loaded policy, π_1's buffers
+    script = tmp_path / "load.py"
+    script.write_text(LOAD_SCRIPT.format(here=HERE))
+    r = torchrun(script, folder, tmp_path, *flags)
+    assert r.returncode == 0, said(r)
+    return [torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1)]
+
+
+def test_two_processes_load_from_rank_0_into_their_shards(tmp_path):
+    """A bf16 checkpoint with tied embeddings and two EOS tokens in generation_config.json: rank 1
+    reads no weights, yet both ranks hold from_pretrained's weights, rotary buffers and EOS."""
+    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
+    tok = sppo.tiny_model(0)[1]
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, tie_word_embeddings=True, rope_theta=500.0, eos_token_id=2)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    GenerationConfig(eos_token_id=[2, 3]).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    ranks = load_in_two_processes(tmp_path, tmp_path / "m", "--max-new-tokens", "16")
+    want = ref.state_dict()
+    assert sorted(ranks[0]["state"]) == sorted(want)
+    assert all(torch.equal(ranks[0]["state"][k], want[k]) for k in want)  # bf16 -> fp32, exact
+    for rank in ranks:
+        assert rank["eos"] == [2, 3]
+        assert {k: v.tolist() for k, v in rank["buffers"].items()} == \
+            {k: v.tolist() for k, v in ref.named_buffers()}
+
+
 # SIGKILL (the OOM killer, a pulled plug), then --resume: the uninterrupted run bit for bit.
 IN_TRAINING = """
 loss, calls = sppo.sppo_loss, []
@@ -1442,6 +1492,25 @@ def test_bench_pairrm_against_one_pair_at_a_time(rm):
     assert torch.allclose(M_ours, M_theirs, atol=1e-5)
     report_bench("pairrm", 40 / t_ours, 40 / t_theirs, "pairs/s")
     assert t_theirs / t_ours >= 1
+
+
+@bench
+def test_bench_host_memory_per_rank_and_checkpoint_size(smollm2, tmp_path):
+    """2 CPU processes load SmolLM2 saved as the hub ships it (bf16): each rank's resident memory
+    after loading the policy and π_1, against the fp32 policy's size; an iterate's size against fp32."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(smollm2["folder"])
+    tokenizer = AutoTokenizer.from_pretrained(smollm2["folder"])
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    tokenizer.save_pretrained(tmp_path / "bf16")
+    fp32 = 4 * model.num_parameters() / 2**20
+    for i, rank in enumerate(load_in_two_processes(tmp_path, tmp_path / "bf16", "--max-new-tokens", "64")):
+        report_bench(f"host memory after loading, rank {i} of 2", rank["mib"], fp32, "MiB, against fp32 policy")
+    sizes = {}
+    for dtype in (torch.bfloat16, torch.float32):  # an iterate as run() saves it, in its base's dtype
+        sppo.save(model.float(), tokenizer, str(tmp_path / str(dtype)), {}, sppo.Env(), dtype)
+        sizes[dtype] = os.path.getsize(tmp_path / str(dtype) / "model.safetensors") / 2**20
+    report_bench("iterate checkpoint size", sizes[torch.bfloat16], sizes[torch.float32], "MiB")
 
 
 @bench
