@@ -1036,6 +1036,9 @@ def rss():  # this process's resident memory, MiB
         return next(int(x.split()[1]) for x in f if x.startswith("VmRSS")) / 1024
 cfg = sppo.parse_config(["--model", sys.argv[1], "--judge", "toy", *sys.argv[3:]])
 env = sppo.setup(cfg)
+if env.rank:  # reads no weights
+    import transformers
+    transformers.AutoModelForCausalLM.from_pretrained = None
 before = rss()
 model = sppo.load_policy(cfg.model, cfg, env)[0]
 base = sppo.load_policy(cfg.model, cfg, env)[0]
