@@ -24,7 +24,7 @@ Left out: vLLM, DeepSpeed, LoRA, a Trainer class.
     python sppo.py --demo nash                              # exact SPPO on a cyclic game
 """
 
-import dataclasses, fcntl, hashlib, itertools, json, math, os, re, shutil, signal, sys
+import dataclasses, fcntl, functools, hashlib, itertools, json, math, os, re, shutil, signal, sys
 import time, traceback
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -419,9 +419,7 @@ def lr_at(step: int, total: int, warmup_ratio: float, schedule: str) -> float:
     warmup = math.ceil(total * warmup_ratio)
     if step < warmup:
         return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    return (total - step) / max(1, total - warmup)
+    return 1.0 if schedule == "constant" else (total - step) / max(1, total - warmup)
 
 
 def collate(items, pad_id: int):
@@ -475,7 +473,7 @@ def train_iteration(model, groups, cfg: Config, t: int, pad_id: int, env: Env, l
 def train_step(model, opt, batch, cfg: Config, pad_id: int, env: Env) -> dict:
     """An optimiser step on a batch of prompts; returns the line it logs."""
     units = sum(map(len, batch)) // (2 if cfg.loss in ("dpo", "ipo") else 1)  # loss: their mean
-    sums = torch.zeros(5, dtype=torch.float64)  # loss; Σ log-ratio and count per role
+    sums = torch.zeros(5, dtype=torch.float64, device=env.device)  # loss; per role Σ and n
     for m in range(cfg.grad_accum):
         # every rank runs every micro-step (FSDP's collectives must match): one left without
         # prompts by a short last batch runs one at weight 0
@@ -497,7 +495,9 @@ def train_step(model, opt, batch, cfg: Config, pad_id: int, env: Env) -> dict:
     # measured for the log, not clipped: the authors' recipe clips nothing in effect
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
     norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: DTensor
-    loss, winners, n_winners, losers, n_losers = all_sum(sums, env)
+    if env.world > 1:
+        dist.all_reduce(sums)  # a sum: gloo has no AVG
+    loss, winners, n_winners, losers, n_losers = sums.tolist()
     if not (math.isfinite(loss) and math.isfinite(norm)):  # no NaN gets into the weights
         raise FloatingPointError(f"non-finite loss ({loss}) or gradient norm ({norm})")
     opt.step()
@@ -536,7 +536,7 @@ def run(cfg: Config):
         if eval_set and start == 1:
             outputs = alpaca_outputs(model, tokenizer, eval_set, cfg, env, out, "base")
             save(None, None, os.path.join(out, "base"), outputs, env)
-        log = MetricsLog(out, env)
+        log = functools.partial(log_line, os.path.join(out, "metrics.jsonl"), env)
         for t in range(start, cfg.iterations + 1):
             t0 = time.time()
             work = os.path.join(out, "work", f"iter{t}")
@@ -576,7 +576,7 @@ def run(cfg: Config):
                 files.update(alpaca_outputs(model, tokenizer, eval_set, cfg, env, out, f"iter{t}"))
             save(model, tokenizer, os.path.join(out, f"iter{t}"), files, env, dtype)
             held["prev"] = held_answers
-            say0(iteration_line(m, len(prompt_sets[t])))
+            say0(iteration_line(m))
         if env.rank == 0:
             plot_curves(out)
             shutil.rmtree(os.path.join(out, "work"), ignore_errors=True)
@@ -905,17 +905,9 @@ def save(model, tokenizer, path: str, files: dict, env: Env, dtype=torch.float32
         dist.barrier()  # no rank goes on before the checkpoint exists
 
 
-def iteration_line(m: dict, n_prompts: int) -> str:
-    parts = [f"iter {m['iteration']}:"]
-    if m["win_rate_vs_base"] is not None:
-        parts.append(f"win rate vs base {m['win_rate_vs_base']:.3f}, vs previous "
-                     f"{m['win_rate_vs_prev']:.3f},")
-    if m["kl_vs_base"] is not None:
-        parts.append(f"KL to base {m['kl_vs_base']:.2f},")
-    if m["cyclic_prompts"] is not None:
-        parts.append(f"{m['cyclic_prompts']}/{n_prompts} prompts with a preference cycle,")
-    parts.append(f"{m['trained_prompts']} prompts trained, {m['seconds']:.1f}s")
-    return " ".join(parts)
+def iteration_line(m: dict) -> str:  # the iteration's metrics, as logged
+    shown = [f"{k} {v:.3g}" for k, v in m.items() if v is not None and k != "iteration"]
+    return f"iter {m['iteration']}: " + ", ".join(shown)
 
 
 def plot_curves(out: str):
@@ -1008,13 +1000,6 @@ def map_chunks(fn, items: list, size: int, env: Env, desc: str) -> list:
         dist.all_gather_object(parts, mine)
         mine = {s: r for part in parts for s, r in part.items()}
     return [r for s in starts for r in mine[s]]
-
-
-def all_sum(values, env: Env) -> list[float]:  # gloo has no AVG
-    t = torch.as_tensor(values, dtype=torch.float64, device=env.device)
-    if env.world > 1:
-        dist.all_reduce(t)
-    return t.tolist()
 
 
 def frozen_logps(model, items, cfg: Config, pad_id: int, env: Env, desc: str) -> list[float]:
@@ -1415,16 +1400,10 @@ def claim(cfg: Config):
     return out, start
 
 
-class MetricsLog:
-    """log(**metrics): a JSON line in DIR/metrics.jsonl, flushed at once, by rank 0."""
-
-    def __init__(self, out: str, env: Env):
-        self.file = open(os.path.join(out, "metrics.jsonl"), "a") if env.rank == 0 else None
-
-    def __call__(self, **metrics):
-        if self.file:
-            self.file.write(json.dumps(metrics) + "\n")
-            self.file.flush()
+def log_line(path: str, env: Env, **metrics):  # a JSON line, by rank 0
+    if env.rank == 0:
+        with open(path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
 
 
 def write_json(path: str, obj, env: Env = Env()):

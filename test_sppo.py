@@ -587,7 +587,7 @@ def test_default_run_learns_and_its_outputs_reload(tmp_path):
     out = tmp_path / "run"
     r = run_sppo("--out", out, fresh=True)
     assert r.returncode == 0, said(r)
-    assert "fp32" in r.stderr and "iter 3: win rate vs base" in r.stdout + r.stderr
+    assert "fp32" in r.stderr and "iter 3: win_rate_vs_base" in r.stdout + r.stderr
     per_iter = [m for m in metrics(out) if "win_rate_vs_base" in m]
     steps = [m for m in metrics(out) if "step" in m]
     assert [m["iteration"] for m in per_iter] == [1, 2, 3] and "seconds" in per_iter[0]
@@ -1024,7 +1024,7 @@ def test_two_processes_give_the_samples_and_weights_of_one(uninterrupted_torchru
     x, y = ([m.get("loss", m.get("win_rate_vs_base")) for m in metrics(run) if m["iteration"] == 1]
             for run in (one, two))
     assert len(x) == 4 and x == pytest.approx(y, rel=1e-5)  # 3 steps' losses, the win rate; written once
-    assert (r.stdout + r.stderr).count("iter 1: win rate") == 1 and (two / "iter2" / "model.safetensors").exists()
+    assert (r.stdout + r.stderr).count("iter 1: win_rate_vs_base") == 1 and (two / "iter2" / "model.safetensors").exists()
 
 
 LOAD_SCRIPT = """import sys, torch
