@@ -25,7 +25,7 @@ Left out: vLLM, DeepSpeed, LoRA, a Trainer class.
 """
 
 import dataclasses, fcntl, functools, hashlib, itertools, json, math, os, re, shutil, signal, sys
-import time, traceback
+import datetime, time, traceback
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -122,7 +122,8 @@ def setup(cfg: Config) -> Env:
         if cuda:
             env.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(env.device)
-        dist.init_process_group("nccl" if cuda else "gloo")
+        # rank 0 alone reads, or first downloads, the checkpoint while the others wait
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=1))
         env.rank, env.world, env.distributed = dist.get_rank(), dist.get_world_size(), True
     hint = ""
     if not (cuda or env.bf16) and os.path.exists("/proc/cpuinfo"):
@@ -523,7 +524,7 @@ def run(cfg: Config):
         out, start = prepare_out(cfg, env)
         last = os.path.join(out, f"iter{start - 1}") if start > 1 else cfg.model
         model, tokenizer = load_policy(last, cfg, env)
-        compute = torch.bfloat16 if env.bf16 else torch.float32  # π_1 needs no fp32 master
+        compute = torch.bfloat16 if env.bf16 and env.distributed else torch.float32  # sharded
         base = load_policy(cfg.model, cfg, env, compute)[0] if cfg.kl and held_out else None
         limit = context_length(model.config) - cfg.max_new_tokens
         held = dict(zip(("text", "ids"), render_all(tokenizer, held_out, limit)))
@@ -583,10 +584,8 @@ def run(cfg: Config):
         if env.distributed:
             dist.barrier()  # no rank leaves the group while another still uses it
     except KeyboardInterrupt as e:  # Ctrl-C, or a scheduler's SIGTERM (SLURM, Kubernetes)
-        where = "before anything was written"
-        if out:
-            where = f"every finished stage is saved. Resume with: python sppo.py --resume {out}"
-        say0(f"interrupted, {where}")
+        where = f"every finished stage is saved. Resume with: python sppo.py --resume {out}"
+        say0(f"interrupted, {where if out else 'before anything was written'}")
         raise SystemExit(128 + (e.args[0] if e.args else signal.SIGINT))
     except FloatingPointError as e:
         fail(f"{e}: the iterate is not saved; lower --lr or --eta")
@@ -958,13 +957,12 @@ def shard(model, full, env: Env):
             fully_shard(m, **kw)
     fully_shard(model, **kw)
     model.to_empty(device=env.device)
+    for p in model.parameters():  # transformers' init then sets only what no checkpoint
+        p._is_hf_initialized = True  # holds: non-persistent buffers (rotary inv_freq)
+    model.initialize_weights()
     state = full.state_dict() if env.rank == 0 else {}
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, state, options=options)
-    for name, buffer in model.named_buffers():  # rotary inv_freq is in no state dict
-        if env.rank == 0:
-            buffer.copy_(full.get_buffer(name))
-        dist.broadcast(buffer, 0)
     generation = [full.generation_config if env.rank == 0 else None]  # its EOS tokens
     dist.broadcast_object_list(generation)
     model.generation_config = generation[0]
@@ -1172,13 +1170,14 @@ def model_config(cfg: Config):
 
 
 def load_policy(path: str, cfg: Config, env: Env, dtype=torch.float32):
-    """A model in dtype (the policy fp32, π_1 the compute dtype) and its tokenizer, dropout off.
-    Under torchrun rank 0 alone reads the checkpoint, and each rank keeps only its shard."""
+    """A model in dtype and its tokenizer, dropout off. Under torchrun rank 0 alone reads the
+    checkpoint, and each rank keeps only its shard."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # our bars only
     kw = dict(trust_remote_code=cfg.trust_remote_code)
+    full, error = None, None
     if path == "tiny":
         full, tokenizer = tiny_model(cfg.seed)
         config, full = full.config, full.to(dtype)
@@ -1187,19 +1186,27 @@ def load_policy(path: str, cfg: Config, env: Env, dtype=torch.float32):
             path, kw["gguf_file"] = os.path.split(os.path.abspath(path))
         tokenizer = AutoTokenizer.from_pretrained(path, **kw)
         config = AutoConfig.from_pretrained(path, **kw)
-        full = None
-        if env.rank == 0:  # under torchrun only the shards' source: in its stored dtype
-            stored = "auto" if env.distributed else dtype
-            full = AutoModelForCausalLM.from_pretrained(path, dtype=stored, **kw)
-        if "gguf_file" in kw and full:  # a plain fp32 model from now on, saved as one
-            del full.config.quantization_config
-            full.hf_quantizer = None
     if tokenizer.eos_token_id is None:
         fail(f"the tokenizer of {path} has no EOS token, so no response could end: set "
              "eos_token in its tokenizer_config.json")
     if cfg.max_new_tokens >= context_length(config):
         fail(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in the "
              f"model's {context_length(config)} positions")
+    if full is None and env.rank == 0:  # under torchrun only the shards' source: as stored
+        try:
+            stored = "auto" if env.distributed else dtype
+            full = AutoModelForCausalLM.from_pretrained(path, dtype=stored, **kw)
+        except Exception as e:  # told to every rank below: none waits for rank 0
+            error = f"cannot load the weights of {path}: {first_line(e)}"
+    if env.distributed:
+        news = [error]
+        dist.broadcast_object_list(news)
+        error = news[0]
+    if error:
+        fail(error)
+    if "gguf_file" in kw and full is not None:  # a plain fp32 model from now on, saved as one
+        del full.config.quantization_config
+        full.hf_quantizer = None
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     model = full
     if env.distributed:  # an empty model on every rank; shard() fills it from rank 0's

@@ -1059,12 +1059,14 @@ def load_in_two_processes(tmp_path, folder, *flags):  # each rank's loaded polic
 
 
 def test_two_processes_load_from_rank_0_into_their_shards(tmp_path):
-    """A bf16 checkpoint with tied embeddings and two EOS tokens in generation_config.json: rank 1
-    reads no weights, yet both ranks hold from_pretrained's weights, rotary buffers and EOS."""
-    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
+    """Gemma 3 saved in bf16 (tied embeddings, rotary and embed_scale buffers) with two EOS tokens
+    in generation_config.json: rank 1 reads no weights, yet both ranks hold from_pretrained's
+    weights, buffers and EOS. Weights that rank 0 cannot read end both ranks with one line."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, GenerationConfig
     tok = sppo.tiny_model(0)[1]
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, tie_word_embeddings=True, rope_theta=500.0, eos_token_id=2)
+    config = Gemma3TextConfig(vocab_size=len(tok), hidden_size=72, intermediate_size=64, num_hidden_layers=2,
+                              head_dim=16, num_attention_heads=4, num_key_value_heads=1, sliding_window=16,
+                              max_position_embeddings=256, eos_token_id=2)  # embed_scale √72: not a bf16
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(tmp_path / "m")
     GenerationConfig(eos_token_id=[2, 3]).save_pretrained(tmp_path / "m")
@@ -1078,6 +1080,10 @@ def test_two_processes_load_from_rank_0_into_their_shards(tmp_path):
         assert rank["eos"] == [2, 3]
         assert {k: v.tolist() for k, v in rank["buffers"].items()} == \
             {k: v.tolist() for k, v in ref.named_buffers()}
+    os.remove(tmp_path / "m" / "model.safetensors")
+    r = torchrun(os.path.join(HERE, "sppo.py"), "--model", tmp_path / "m", "--judge", "toy", "--prompts", "builtin",
+                 "--max-new-tokens", "16", "--out", tmp_path / "run", timeout=120)
+    assert r.returncode != 0 and said(r).count("sppo: error: cannot load the weights of") == 1
 
 
 # SIGKILL (the OOM killer, a pulled plug), then --resume: the uninterrupted run bit for bit.
