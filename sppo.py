@@ -517,15 +517,16 @@ def run(cfg: Config):
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
         # every input is checked before anything is written or loaded
-        dtype = model_config(cfg).dtype or torch.float32  # the checkpoint's, for the iterates
+        config = model_config(cfg)  # π_1's: the sharded models' and the iterates' dtype
+        dtype = config.dtype or torch.float32
         held_out, prompt_sets = load_prompt_sets(cfg, env)
         eval_set = cfg.eval_set and load_prompts(cfg, 0, "--eval-set")
         judge = load_judge(cfg, env)
         out, start = prepare_out(cfg, env)
         last = os.path.join(out, f"iter{start - 1}") if start > 1 else cfg.model
-        model, tokenizer = load_policy(last, cfg, env)
+        model, tokenizer = load_policy(last, cfg, env, config)
         compute = torch.bfloat16 if env.bf16 and env.distributed else torch.float32  # sharded
-        base = load_policy(cfg.model, cfg, env, compute)[0] if cfg.kl and held_out else None
+        base = load_policy(cfg.model, cfg, env, config, compute)[0] if cfg.kl and held_out else None
         limit = context_length(model.config) - cfg.max_new_tokens
         held = dict(zip(("text", "ids"), render_all(tokenizer, held_out, limit)))
         held["text"] = judge_sources(judge, held_out, held["text"])
@@ -590,8 +591,6 @@ def run(cfg: Config):
     except FloatingPointError as e:
         fail(f"{e}: the iterate is not saved; lower --lr or --eta")
     except RuntimeError as e:  # out of memory: torch.OutOfMemoryError, or the CPU's allocator
-        if "out of memory" not in str(e) and "allocate memory" not in str(e):
-            raise
         fail(out_of_memory(e, out))
     finally:  # a gloo group alive at exit frees its threads too late (SIGABRT)
         if env.distributed:
@@ -1169,10 +1168,10 @@ def model_config(cfg: Config):
         fail(f"cannot load --model {cfg.model}: {first_line(e)} (presets: {', '.join(PRESETS)})")
 
 
-def load_policy(path: str, cfg: Config, env: Env, dtype=torch.float32):
+def load_policy(path: str, cfg: Config, env: Env, config, dtype=torch.float32):
     """A model in dtype and its tokenizer, dropout off. Under torchrun rank 0 alone reads the
-    checkpoint, and each rank keeps only its shard."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    checkpoint into an empty model built from config (π_1's), and each rank keeps its shard."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # our bars only
@@ -1180,12 +1179,11 @@ def load_policy(path: str, cfg: Config, env: Env, dtype=torch.float32):
     full, error = None, None
     if path == "tiny":
         full, tokenizer = tiny_model(cfg.seed)
-        config, full = full.config, full.to(dtype)
+        full = full.to(dtype)
     else:
         if path.endswith(".gguf"):  # llama.cpp's file, dequantised (needs gguf, accelerate)
             path, kw["gguf_file"] = os.path.split(os.path.abspath(path))
         tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-        config = AutoConfig.from_pretrained(path, **kw)
     if tokenizer.eos_token_id is None:
         fail(f"the tokenizer of {path} has no EOS token, so no response could end: set "
              "eos_token in its tokenizer_config.json")
@@ -1454,6 +1452,8 @@ def on_sigterm(signum, frame):  # a scheduler's SIGTERM (SLURM, Kubernetes) is a
 
 def out_of_memory(e: Exception, out) -> str:
     """One line: the stage (from the traceback) and the flag to change."""
+    if "out of memory" not in str(e) and "allocate memory" not in str(e):
+        raise e
     flags = {"sample": "lower --sample-batch-size", "judge_all": "lower --judge-batch-size",
              "train_iteration": "raise --grad-accum", "load_policy": "use more GPUs"}
     names = [frame.name for frame in traceback.extract_tb(e.__traceback__)]

@@ -1040,8 +1040,8 @@ if env.rank:  # reads no weights
     import transformers
     transformers.AutoModelForCausalLM.from_pretrained = None
 before = rss()
-model = sppo.load_policy(cfg.model, cfg, env)[0]
-base = sppo.load_policy(cfg.model, cfg, env)[0]
+model = sppo.load_policy(cfg.model, cfg, env, sppo.model_config(cfg))[0]
+base = sppo.load_policy(cfg.model, cfg, env, sppo.model_config(cfg))[0]
 mib = rss() - before  # after loading, before anything is gathered
 state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 torch.save(dict(mib=mib, state=state, buffers=dict(base.named_buffers()),
