@@ -36,8 +36,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-# ---------------------------------------------------------------------------------------------
-# Config: the authors' values; a preset overrides some; a flag given beats both.
+# --- Config: the authors' values; a preset overrides some; a flag given beats both.
 
 
 def arg(default, help):
@@ -88,8 +87,7 @@ class Config:
     demo: Optional[Literal["nash"]] = arg(None, "exact SPPO on a cyclic game")
 
 
-# ---------------------------------------------------------------------------------------------
-# Distributed setup. torchrun sets RANK; a plain `python sppo.py` never makes a process group.
+# --- Distributed setup. torchrun sets RANK; a plain `python sppo.py` never makes a process group.
 # Ranks share the no-grad work by chunks of prompts, and each global batch in training.
 
 
@@ -134,8 +132,7 @@ def setup(cfg: Config) -> Env:
     return env
 
 
-# ---------------------------------------------------------------------------------------------
-# Models and prompts: the policy is a transformers causal LM; prompts go through its template.
+# --- Models and prompts: the policy is a transformers causal LM; prompts go through its template.
 
 
 def seed_for(*keys: int) -> int:  # e.g. (seed, t, prompt, sample): batch sizes change no draw
@@ -176,8 +173,7 @@ def pad(seqs: list[list[int]], pad_id: int, left: bool):
     return ids, mask
 
 
-# ---------------------------------------------------------------------------------------------
-# Algorithm 1, step 1: sample K responses y_1..y_K ~ π_t(·|x) for each prompt.
+# --- Algorithm 1, step 1: sample K responses y_1..y_K ~ π_t(·|x) for each prompt.
 
 ROUNDS = 3  # draws from the full distribution before the sorted fallback
 
@@ -288,8 +284,7 @@ def sample_responses(model, tokenizer, prompt_ids, cfg: Config, tag: int, env: E
         return map_chunks(chunk, list(prompt_ids), cfg.sample_batch_size, env, desc)
 
 
-# ---------------------------------------------------------------------------------------------
-# Algorithm 1, step 2: judge every ordered pair. A judge (after run()) gives for each prompt's K
+# --- Algorithm 1, step 2: judge every ordered pair. A judge (after run()) gives for each prompt's K
 # candidates M[i, j], the logit that candidate i beats candidate j.
 
 
@@ -311,8 +306,7 @@ def preference_cycles(logits):
     return reach.diagonal(dim1=-2, dim2=-1).any(-1)  # i ≻ … ≻ i
 
 
-# ---------------------------------------------------------------------------------------------
-# Algorithm 1, step 3: win rates P̂(y_i ≻ π_t | x) = (1/K) Σ_j P(y_i ≻ y_j | x).
+# --- Algorithm 1, step 3: win rates P̂(y_i ≻ π_t | x) = (1/K) Σ_j P(y_i ≻ y_j | x).
 
 
 def pairwise_probs(logits, method: str):
@@ -351,8 +345,7 @@ def training_set(prompt_ids, responses, P_hat, cfg: Config):
     return groups, winners, losers
 
 
-# ---------------------------------------------------------------------------------------------
-# Algorithm 1, step 4: the SPPO loss and the update θ_t -> θ_{t+1}.
+# --- Algorithm 1, step 4: the SPPO loss and the update θ_t -> θ_{t+1}.
 
 
 def sequence_logps(model, input_ids, segment, position_ids, chunk_logits: int = 2**24):
@@ -507,8 +500,7 @@ def train_step(model, opt, batch, cfg: Config, pad_id: int, env: Env) -> dict:
                 loser_logratio=losers / max(n_losers, 1))
 
 
-# ---------------------------------------------------------------------------------------------
-# The loop over iterations: Algorithm 1's four steps, then evaluate and save.
+# --- The loop over iterations: Algorithm 1's four steps, then evaluate and save.
 
 
 def run(cfg: Config):
@@ -598,8 +590,7 @@ def run(cfg: Config):
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Demo (--demo nash): why self-play and not Bradley-Terry. Exact SPPO on three responses whose
+# --- Demo (--demo nash): why self-play and not Bradley-Terry. Exact SPPO on three responses whose
 # preferences form a rock-paper-scissors cycle, which no score explains.
 
 GAME = torch.tensor([[0.5, 0.9, 0.3],  # P[i, j] = P(y_i ≻ y_j): y_0 ≻ y_1 ≻ y_2 ≻ y_0
@@ -665,8 +656,7 @@ def nash_demo(eta: float, T: int) -> list[dict]:
     return rows
 
 
-# ---------------------------------------------------------------------------------------------
-# The judges of step 2: the toy, the classroom's panel, your own prefer(), PairRM.
+# --- The judges of step 2: the toy, the classroom's panel, your own prefer(), PairRM.
 
 
 class ToyJudge:
@@ -791,8 +781,7 @@ def load_judge(cfg: Config, env: Env):
     return judge
 
 
-# ---------------------------------------------------------------------------------------------
-# Evaluation and saving: held-out win rates and KL, AlpacaEval's answers, the checkpoint.
+# --- Evaluation and saving: held-out win rates and KL, AlpacaEval's answers, the checkpoint.
 
 
 def evaluate(model, base, judge, tokenizer, held: dict, cfg: Config, env: Env, t: int):
@@ -934,8 +923,7 @@ def plot_curves(out: str):
     plt.close(fig)
 
 
-# ---------------------------------------------------------------------------------------------
-# Fast paths: FSDP2 under torchrun, one gather of the weights for no-grad work, a static KV
+# --- Fast paths: FSDP2 under torchrun, one gather of the weights for no-grad work, a static KV
 # cache replayed as a CUDA graph. Each is tested equal to the plain path it speeds up.
 
 
@@ -1113,8 +1101,7 @@ class StaticDecoder:
 
 
 
-# ---------------------------------------------------------------------------------------------
-# Plumbing: models, prompts, the memory plan, the run's folder, errors, the command line.
+# --- Plumbing: models, prompts, the memory plan, the run's folder, errors, the command line.
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:

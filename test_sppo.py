@@ -1043,19 +1043,21 @@ before = rss()
 model = sppo.load_policy(cfg.model, cfg, env, sppo.model_config(cfg))[0]
 base = sppo.load_policy(cfg.model, cfg, env, sppo.model_config(cfg))[0]
 mib = rss() - before  # after loading, before anything is gathered
+gpu_mib = torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else 0
 state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-torch.save(dict(mib=mib, state=state, buffers=dict(base.named_buffers()),
+torch.save(dict(mib=mib, gpu_mib=gpu_mib, state=state, buffers=dict(base.named_buffers()),
                 eos=model.generation_config.eos_token_id), f"{{sys.argv[2]}}/rank{{env.rank}}.pt")
 torch.distributed.destroy_process_group()
 """
 
 
-def load_in_two_processes(tmp_path, folder, *flags):  # each rank's loaded policy, π_1's buffers
+def load_in_two_processes(tmp_path, folder, *flags, n=2):  # each rank's policy, π_1's buffers
     script = tmp_path / "load.py"
     script.write_text(LOAD_SCRIPT.format(here=HERE))
-    r = torchrun(script, folder, tmp_path, *flags)
+    r = subprocess.run([*TORCHRUN[:5], str(n), script, folder, tmp_path, *flags], cwd=HERE,
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, said(r)
-    return [torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1)]
+    return [torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(n)]
 
 
 def test_two_processes_load_from_rank_0_into_their_shards(tmp_path):
@@ -1690,6 +1692,21 @@ def test_gpu_training_mfu_and_its_memory_plan(tmp_path):
                              tokens_per_s=8 * 2 * 512 / m["seconds_per_step"], peak_gib=m["peak"] / 2**30)
     record("gpu_training", params=n_params, bf16_tflops=peak_flops / 1e12, results=results)
     assert all(r["mfu"] >= 0.40 and 0.75 <= r["plan_vs_peak"] <= 1.25 for r in results.values())
+
+
+@gpu
+def test_gpu_torchrun_loads_a_bf16_checkpoint_into_gpu_shards(tmp_path):
+    """(7) torchrun, 1 process, NCCL: Llama 1B saved in bf16 loads through the meta device and rank
+    0's copy onto the GPU; host and GPU memory after loading the policy (fp32) and π_1 (bf16)."""
+    model, tok = llama_1b("cpu"), sppo.tiny_model(0)[1]
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    fp32 = 4 * model.num_parameters() / 2**20
+    rank = load_in_two_processes(tmp_path, tmp_path / "m", "--max-new-tokens", "16", n=1)[0]
+    want = model.float().state_dict()
+    assert all(torch.equal(rank["state"][k], want[k]) for k in want)
+    record("gpu_load", host_vs_fp32=rank["mib"] / fp32, gpu_vs_fp32=rank["gpu_mib"] / fp32)
+    assert rank["mib"] < fp32 and 1.4 < rank["gpu_mib"] / fp32 < 1.6  # fp32 + bf16, on the GPU only
 
 
 @gpu
