@@ -24,8 +24,8 @@ Left out: vLLM, DeepSpeed, LoRA, a Trainer class.
     python sppo.py --demo nash                              # exact SPPO on a cyclic game
 """
 
-import dataclasses, fcntl, functools, hashlib, itertools, json, math, os, re, shutil, signal, sys
-import datetime, time, traceback
+import argparse, dataclasses, datetime, fcntl, functools, hashlib, itertools, json, math, os, re
+import shutil, signal, sys, time, traceback
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -39,13 +39,14 @@ from tqdm import tqdm
 # --- Config: the authors' values; a preset overrides some; a flag given beats both.
 
 
-def arg(default, help):
-    return field(default=default, metadata={"help": help})
+def arg(default, help, authors=True):  # --help shows the authors' value
+    said = authors and default not in (None, False)
+    return field(default=default, metadata={"help": help + said * f" (authors: {default})"})
 
 
 @dataclass
 class Config:
-    model: str = arg("tiny", "preset, model folder, hub id or FILE.gguf: π_1")
+    model: str = arg("tiny", "preset, model folder, hub id or FILE.gguf: π_1", authors=False)
     prompts: str = arg("UCLA-AGI/data-mistral-7b-instruct-sppo-iter{t}",
                        "builtin, a hub dataset or a .json/.jsonl/.parquet/.csv/.txt file")
     prompt_field: str = arg("prompt", "the prompts' column")
@@ -55,28 +56,28 @@ class Config:
     eval_set: Optional[str] = arg(None, "AlpacaEval's instructions, to answer")
     judge: str = arg("llm-blender/PairRM", "toy, panel, FILE.py, or PairRM's folder or hub id")
     out: Optional[str] = arg(None, "the run's folder (runs/<date-time>)")
-    iterations: int = arg(3, "T (authors: 3)")
-    k: int = arg(5, "K, responses per prompt (authors: 5)")
-    max_new_tokens: int = arg(2048, "per response (authors: 2048)")
-    temperature: float = arg(0.7, "authors: 0.7")
-    top_p: float = arg(0.9, "nucleus mass (authors: 0.9)")
-    max_length: int = arg(1024, "prompt + response in training (authors: 1024)")
-    max_prompt_length: int = arg(512, "prompt tokens kept if too long (authors: 512)")
+    iterations: int = arg(3, "T")
+    k: int = arg(5, "K, responses per prompt")
+    max_new_tokens: int = arg(2048, "new tokens per response")
+    temperature: float = arg(0.7, "sampling temperature")
+    top_p: float = arg(0.9, "nucleus mass")
+    max_length: int = arg(1024, "prompt + response in training")
+    max_prompt_length: int = arg(512, "prompt tokens kept if too long")
     pair_prob: Literal["official", "paper"] = arg("official", "authors' code, or the paper's")
     pairs: Literal["winner-loser", "all"] = arg("winner-loser", "authors' code, or the paper's")
     loss: Literal["sppo", "sppo_hard", "dpo", "ipo"] = arg("sppo", "others to compare")
-    eta: float = arg(1000.0, "η (authors: 1000, their β = 1/η)")
-    optimizer: Literal["rmsprop", "adamw"] = arg("rmsprop", "authors: RMSprop")
-    lr: float = arg(5e-7, "peak learning rate (authors: 5e-7)")
+    eta: float = arg(1000.0, "η, the authors' 1/β")
+    optimizer: Literal["rmsprop", "adamw"] = arg("rmsprop", "the optimiser")
+    lr: float = arg(5e-7, "peak learning rate")
     lr_schedule: Literal["linear", "constant"] = arg("linear", "after warm-up")
-    warmup_ratio: float = arg(0.1, "share of steps warming up (authors: 0.1)")
-    epochs: int = arg(1, "passes over an iteration's data (authors: 1)")
-    batch_size: int = arg(64, "prompts per optimiser step, all ranks (authors: 64)")
+    warmup_ratio: float = arg(0.1, "share of steps warming up")
+    epochs: int = arg(1, "passes over an iteration's data")
+    batch_size: int = arg(64, "prompts per optimiser step, all ranks")
     grad_accum: int = arg(1, "micro-batches per step")
-    grad_checkpointing: bool = arg(True, "recompute activations (authors: on)")
+    grad_checkpointing: bool = arg(True, "recompute activations")
     sample_batch_size: int = arg(16, "prompts per sampling call")
     judge_batch_size: int = arg(32, "PairRM pairs per forward")
-    seed: int = arg(42, "authors: 42")
+    seed: int = arg(42, "every random stream's")
     kl: bool = arg(True, "report the held-out KL(π_t ‖ π_1); keeps π_1 in memory")
     bf16: bool = arg(True, "bf16 compute on fp32 weights (authors); by default on CUDA only")
     cuda_graph: bool = arg(True, "CUDA: decode by replaying a CUDA graph")
@@ -127,7 +128,7 @@ def setup(cfg: Config) -> Env:
     if not (cuda or env.bf16) and os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:  # AMX, AVX512-BF16, or Arm's BF16
             if {"amx_bf16", "avx512_bf16", "bf16"} & set(f.read().split()):
-                hint = ", though this CPU has bf16 units: --bf16 is ~1.5x faster"
+                hint = ", though this CPU has bf16 units: --bf16 may be faster (other figures)"
     say0(f"{'bf16' if env.bf16 else 'fp32'} on {env.device.type}{hint}")
     return env
 
@@ -580,6 +581,10 @@ def run(cfg: Config):
         where = f"every finished stage is saved. Resume with: python sppo.py --resume {out}"
         say0(f"interrupted, {where if out else 'before anything was written'}")
         raise SystemExit(128 + (e.args[0] if e.args else signal.SIGINT))
+    except UserError:  # a new run that failed before its start leaves no folder to block the next
+        if out and env.rank == 0 and not (cfg.resume or os.path.exists(f"{out}/eval0.json")):
+            shutil.rmtree(out)
+        raise
     except FloatingPointError as e:
         fail(f"{e}: the iterate is not saved; lower --lr or --eta")
     except RuntimeError as e:  # out of memory: torch.OutOfMemoryError, or the CPU's allocator
@@ -1170,7 +1175,10 @@ def load_policy(path: str, cfg: Config, env: Env, config, dtype=torch.float32):
     else:
         if path.endswith(".gguf"):  # llama.cpp's file, dequantised (needs gguf, accelerate)
             path, kw["gguf_file"] = os.path.split(os.path.abspath(path))
-        tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+        except Exception as e:  # a folder without one, a broken one
+            fail(f"cannot load the tokenizer of {path}: {first_line(e)}")
     if tokenizer.eos_token_id is None:
         fail(f"the tokenizer of {path} has no EOS token, so no response could end: set "
              "eos_token in its tokenizer_config.json")
@@ -1182,7 +1190,7 @@ def load_policy(path: str, cfg: Config, env: Env, config, dtype=torch.float32):
             stored = "auto" if env.distributed else dtype
             full = AutoModelForCausalLM.from_pretrained(path, dtype=stored, **kw)
         except Exception as e:  # told to every rank below: none waits for rank 0
-            error = f"cannot load the weights of {path}: {first_line(e)}"
+            error = f"cannot load the weights of --model {path}: {first_line(e)}"
     if env.distributed:
         news = [error]
         dist.broadcast_object_list(news)
@@ -1234,6 +1242,7 @@ def load_prompts(cfg: Config, t: int, flag: str = "--prompts") -> list[str]:
     hub dataset."""
     import datasets
 
+    datasets.disable_progress_bars()  # our bars only
     source, column, split = cfg.prompts.replace("{t}", str(t)), cfg.prompt_field, cfg.prompt_split
     if flag == "--eval-set":  # AlpacaEval's own column and split
         source, column, split = cfg.eval_set, "instruction", "eval"
@@ -1255,11 +1264,14 @@ def load_prompts(cfg: Config, t: int, flag: str = "--prompts") -> list[str]:
         else:
             rows = datasets.load_dataset(source, split=split)
     except Exception as e:  # no such file or dataset, malformed, offline: in its own words
-        way_out = "; pass a data file of it (hf download)" if "script" in str(e) else ""
+        way_out = ""
+        if "script" in str(e) or "Offline" in str(e):
+            way_out = f"; pass its data files ({flag} FILE; {{t}} in it is the iteration)"
         fail(f"cannot read {flag} {source}: {first_line(e)}{way_out}")
     columns = list(rows.keys() if isinstance(rows, dict) else rows.column_names)
     if column not in columns:
-        fail(f"{flag} {source} has no column '{column}' (it has {columns}): pass --prompt-field")
+        fix = "pass --prompt-field" if flag == "--prompts" else "AlpacaEval's format has one"
+        fail(f"{flag} {source} has no column '{column}' (it has {columns}): {fix}")
     prompts = list(rows[column])[: cfg.num_prompts if flag == "--prompts" else None]
     if not all(isinstance(p, (str, type(None))) for p in prompts):
         fail(f"{flag} {source}: the column '{column}' is not text")
@@ -1321,6 +1333,7 @@ def dry_run(cfg: Config):
     c = model_config(cfg)  # first: a config that cannot be had is the one line printed
     for f in dataclasses.fields(Config):
         value, changed = getattr(cfg, f.name), getattr(cfg, f.name) != f.default
+        changed = changed and f.name not in ("model", "dry_run")  # not the authors' to choose
         print(f"--{f.name.replace('_', '-'):20} {value}" + changed * f" (authors: {f.default})")
     with torch.device("meta"):
         params = sum(p.numel() for p in AutoModelForCausalLM.from_config(c).parameters())
@@ -1360,7 +1373,12 @@ def claim(cfg: Config):
     """A run's folder is locked (flock) for its life: a second run on it is refused."""
     global lock  # open until the process ends, however it ends: no stale lock
     out = cfg.resume or cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        fail(f"--out {out}: {first_line(e)}")
+    if os.listdir(out) and not os.path.exists(os.path.join(out, "sppo.lock")):  # no run's
+        fail(f"--out {out} is not empty and holds no sppo run: pick a new folder")
     lock = open(os.path.join(out, "sppo.lock"), "a+")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1380,8 +1398,9 @@ def claim(cfg: Config):
         more = f"--iterations {start}"
         if "{t}" in cfg.prompts:
             more += f", which reads a prompt set {cfg.prompts.replace('{t}', str(start))}"
-        fail(f"{out} has finished its {cfg.iterations} iterations; to extend it: {more}")
-    write_json(os.path.join(out, "config.json"), dataclasses.asdict(cfg))  # --iterations too
+        fail(f"{out} is finished at iteration {start - 1}; to extend it: {more}")
+    saved = dataclasses.replace(cfg, out=out, resume=None)  # --iterations too
+    write_json(os.path.join(out, "config.json"), dataclasses.asdict(saved))
     os.makedirs(os.path.join(out, "work"), exist_ok=True)
     path = os.path.join(out, "metrics.jsonl")
     if cfg.resume and os.path.exists(path):  # an unfinished iteration's lines go
@@ -1479,8 +1498,9 @@ def parse_config(argv=None) -> Config:
         def error(self, message):  # one line, as every input error
             fail(f"{message} (python sppo.py --help lists the flags)")
 
-    parser = Parser(Config, description="SPPO (arXiv 2405.00675). A plain run is the tiny "
-                    "preset; --model takes another preset or a causal LM, the authors' recipe.")
+    about = ("SPPO (arXiv 2405.00675). A plain run is the tiny preset; --model takes another "
+             "preset or a causal LM, the authors' recipe.")
+    parser = Parser(Config, description=about, formatter_class=argparse.HelpFormatter)
     parser.set_defaults(**dict.fromkeys(f.name for f in dataclasses.fields(Config)))
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     if "resume" in given:
