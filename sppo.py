@@ -24,8 +24,8 @@ Left out: vLLM, DeepSpeed, LoRA, a Trainer class.
     python sppo.py --demo nash                              # exact SPPO on a cyclic game
 """
 
-import argparse, dataclasses, datetime, fcntl, functools, hashlib, itertools, json, math, os, re
-import shutil, signal, sys, time, traceback
+import argparse, copy, dataclasses, datetime, fcntl, functools, hashlib, itertools, json, math
+import os, re, shutil, signal, sys, time, traceback
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 
 def arg(default, help, authors=True):  # --help shows the authors' value
-    said = authors and default not in (None, False)
+    said = authors and default is not None and not isinstance(default, bool)
     return field(default=default, metadata={"help": help + said * f" (authors: {default})"})
 
 
@@ -52,7 +52,7 @@ class Config:
     prompt_field: str = arg("prompt", "the prompts' column")
     prompt_split: str = arg("train", "the hub dataset's split")
     num_prompts: Optional[int] = arg(None, "the first N prompts of each set")
-    eval_prompts: int = arg(32, "held out: the end of set 1, at most a quarter")
+    eval_prompts: int = arg(32, "held out: the end of set 1, at most a quarter", False)
     eval_set: Optional[str] = arg(None, "AlpacaEval's instructions, to answer")
     judge: str = arg("llm-blender/PairRM", "toy, panel, FILE.py, or PairRM's folder or hub id")
     out: Optional[str] = arg(None, "the run's folder (runs/<date-time>)")
@@ -73,10 +73,10 @@ class Config:
     warmup_ratio: float = arg(0.1, "share of steps warming up")
     epochs: int = arg(1, "passes over an iteration's data")
     batch_size: int = arg(64, "prompts per optimiser step, all ranks")
-    grad_accum: int = arg(1, "micro-batches per step")
-    grad_checkpointing: bool = arg(True, "recompute activations")
-    sample_batch_size: int = arg(16, "prompts per sampling call")
-    judge_batch_size: int = arg(32, "PairRM pairs per forward")
+    grad_accum: int = arg(1, "micro-batches per step", False)
+    grad_checkpointing: bool = arg(True, "recompute activations (authors: on)")
+    sample_batch_size: int = arg(16, "prompts per sampling call", False)
+    judge_batch_size: int = arg(32, "PairRM pairs per forward", False)
     seed: int = arg(42, "every random stream's")
     kl: bool = arg(True, "report the held-out KL(π_t ‖ π_1); keeps π_1 in memory")
     bf16: bool = arg(True, "bf16 compute on fp32 weights (authors); by default on CUDA only")
@@ -581,9 +581,9 @@ def run(cfg: Config):
         where = f"every finished stage is saved. Resume with: python sppo.py --resume {out}"
         say0(f"interrupted, {where if out else 'before anything was written'}")
         raise SystemExit(128 + (e.args[0] if e.args else signal.SIGINT))
-    except UserError:  # a new run that failed before its start leaves no folder to block the next
+    except UserError:  # a new run that failed before its start leaves nothing to block the next
         if out and env.rank == 0 and not (cfg.resume or os.path.exists(f"{out}/eval0.json")):
-            shutil.rmtree(out)
+            unclaim(out, cfg)
         raise
     except FloatingPointError as e:
         fail(f"{e}: the iterate is not saved; lower --lr or --eta")
@@ -898,7 +898,8 @@ def save(model, tokenizer, path: str, files: dict, env: Env, dtype=torch.float32
 
 
 def iteration_line(m: dict) -> str:  # the iteration's metrics, as logged
-    shown = [f"{k} {v:.3g}" for k, v in m.items() if v is not None and k != "iteration"]
+    shown = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items()
+             if v is not None and k != "iteration"]
     return f"iter {m['iteration']}: " + ", ".join(shown)
 
 
@@ -934,8 +935,8 @@ def plot_curves(out: str):
 
 def shard(model, full, env: Env):
     """FSDP2 on each decoder layer (_no_split_modules), then on the root (embeddings, head),
-    with bf16 compute and fp32 gradient reductions if bf16. model is on the meta device: each
-    rank allocates its shard, and rank 0 broadcasts full's weights into the shards."""
+    with bf16 compute and fp32 gradient reductions if bf16. model's parameters are on the meta
+    device: each rank allocates its shard, and rank 0 broadcasts full's weights into them."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -948,16 +949,34 @@ def shard(model, full, env: Env):
         if type(m).__name__ in set(model._no_split_modules or ()):
             fully_shard(m, **kw)
     fully_shard(model, **kw)
+    buffers = dict(model.named_buffers())  # to_empty empties them too
     model.to_empty(device=env.device)
-    for p in model.parameters():  # transformers' init then sets only what no checkpoint
-        p._is_hf_initialized = True  # holds: non-persistent buffers (rotary inv_freq)
-    model.initialize_weights()
+    for name, buffer in model.named_buffers():
+        buffer.copy_(buffers[name])
     state = full.state_dict() if env.rank == 0 else {}
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, state, options=options)
     generation = [full.generation_config if env.rank == 0 else None]  # its EOS tokens
     dist.broadcast_object_list(generation)
     model.generation_config = generation[0]
+
+
+@contextmanager
+def parameters_on_meta():
+    """Parameters on the meta device, buffers as the model's own __init__ computes them (rotary
+    inv_freq, Gemma's embed_scale): no checkpoint holds them. Accelerate's init_empty_weights."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None:
+            param = torch.nn.Parameter(param.to("meta"), param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
 
 
 @contextmanager
@@ -1203,8 +1222,8 @@ def load_policy(path: str, cfg: Config, env: Env, config, dtype=torch.float32):
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     model = full
     if env.distributed:  # an empty model on every rank; shard() fills it from rank 0's
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+        with parameters_on_meta():  # a copy: from_config keeps it and sets its dtype
+            model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype,
                                                      trust_remote_code=cfg.trust_remote_code)
     disable_dropout(model)
     if cfg.grad_checkpointing:
@@ -1309,7 +1328,8 @@ def load_prompt_sets(cfg: Config, env: Env):
 def memory_plan(cfg: Config, a: dict, gpus: int) -> dict:
     """GiB per GPU in each phase, from first principles (bf16: 2 bytes, fp32: 4)."""
     G, P = 2**30, a["params"]
-    shards = (4 + 2 * (cfg.kl and cfg.eval_prompts > 0)) * P / gpus  # fp32, + π_1's bf16
+    base = (2 if gpus > 1 else 4) * (cfg.kl and cfg.eval_prompts > 0)  # π_1: bf16 if sharded
+    shards = (4 + base) * P / gpus  # + the fp32 policy
     rows = cfg.sample_batch_size * cfg.k
     kv = 2 * a["layers"] * a["kv_dim"] * 2 * rows * (cfg.max_prompt_length + cfg.max_new_tokens)
     per_prompt = 2 if cfg.pairs == "winner-loser" else cfg.k
@@ -1333,7 +1353,7 @@ def dry_run(cfg: Config):
     c = model_config(cfg)  # first: a config that cannot be had is the one line printed
     for f in dataclasses.fields(Config):
         value, changed = getattr(cfg, f.name), getattr(cfg, f.name) != f.default
-        changed = changed and f.name not in ("model", "dry_run")  # not the authors' to choose
+        changed = changed and "(authors:" in f.metadata["help"]  # a value of their recipe
         print(f"--{f.name.replace('_', '-'):20} {value}" + changed * f" (authors: {f.default})")
     with torch.device("meta"):
         params = sum(p.numel() for p in AutoModelForCausalLM.from_config(c).parameters())
@@ -1376,8 +1396,8 @@ def claim(cfg: Config):
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
-        fail(f"--out {out}: {first_line(e)}")
-    if os.listdir(out) and not os.path.exists(os.path.join(out, "sppo.lock")):  # no run's
+        fail(f"cannot make the run's folder {out}: {first_line(e)}; pick another --out")
+    if not cfg.resume and os.listdir(out) and not os.path.exists(f"{out}/sppo.lock"):  # no run
         fail(f"--out {out} is not empty and holds no sppo run: pick a new folder")
     lock = open(os.path.join(out, "sppo.lock"), "a+")
     try:
@@ -1409,6 +1429,15 @@ def claim(cfg: Config):
         with open(path, "w") as f:
             f.writelines(kept)
     return out, start
+
+
+def unclaim(out: str, cfg: Config):  # what claim() wrote; work/ is still empty
+    lock.close()
+    for name in ("config.json", "sppo.lock"):
+        os.remove(os.path.join(out, name))
+    os.rmdir(os.path.join(out, "work"))
+    if not cfg.out:  # runs/<date-time>, made for this run
+        os.rmdir(out)
 
 
 def log_line(path: str, env: Env, **metrics):  # a JSON line, by rank 0

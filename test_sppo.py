@@ -1241,11 +1241,11 @@ def test_bad_inputs_get_one_line_and_exit_code_2(tmp_path, capsys):
         (["--prompts", prompts("blank.jsonl", [" "])], "--prompts"),
         (["--model", tiny, "--judge", "toy"], "--prompts"),  # the hub's prompts, offline
         (["--eval-set", prompts("no_instruction.jsonl", ["Say hi."])], "instruction"),
-        (["--out", "/proc/sppo"], "--out /proc/sppo"),
+        (["--out", "/proc/sppo"], "folder /proc/sppo: "),
         (["--model", tmp_path / "config_only", "--prompts", "builtin", "--judge", "toy"], "tokenizer of")]
     for args, fragment in inputs:
         assert fragment in error_line("--out", tmp_path / "out", *args, capsys=capsys), args
-    assert not (tmp_path / "out").exists()  # nothing written for any of them
+    assert not any((tmp_path / "out").glob("*"))  # nothing written for any of them
     no_eos = write_tiny_policy(tmp_path / "no_eos", eos=False)
     assert "EOS" in error_line("--model", no_eos, "--prompts", "builtin", "--judge", "toy", "--out",
                                tmp_path / "eos", capsys=capsys)
