@@ -968,7 +968,7 @@ def parameters_on_meta():
     register = torch.nn.Module.register_parameter
 
     def on_meta(module, name, param):
-        if param is not None:
+        if param is not None and not param.is_meta:  # a tied one is on it already
             param = torch.nn.Parameter(param.to("meta"), param.requires_grad)
         register(module, name, param)
 

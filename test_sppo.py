@@ -1030,7 +1030,8 @@ try:  # weights that rank 0 cannot read: every rank is told
     sppo.load_policy(sys.argv[1] + "_without_weights", cfg, env, model.config)
 except sppo.UserError as e:
     error = str(e)
-torch.save(dict(mib=mib, state=state, buffers=dict(base.named_buffers()), error=error,
+tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+torch.save(dict(mib=mib, state=state, buffers=dict(base.named_buffers()), error=error, tied=tied,
                 eos=model.generation_config.eos_token_id), f"{{sys.argv[2]}}/rank{{env.rank}}.pt")
 torch.distributed.destroy_process_group()
 """
@@ -1062,7 +1063,7 @@ def test_two_processes_load_from_rank_0_into_their_shards(tmp_path):
     assert all(torch.equal(ranks[0]["state"][k], want[k]) for k in want)  # bf16 -> fp32, exact
     for rank in ranks:
         assert rank["eos"] == [2, 3] and {k: v.tolist() for k, v in rank["buffers"].items()} == buffers
-        assert rank["error"].startswith("cannot load the weights of --model")
+        assert rank["error"].startswith("cannot load the weights of --model") and rank["tied"]
 
 
 # SIGKILL (the OOM killer, a pulled plug), then --resume: the uninterrupted run bit for bit.
