@@ -52,7 +52,7 @@ class Config:
     prompt_field: str = arg("prompt", "the prompts' column")
     prompt_split: str = arg("train", "the hub dataset's split")
     num_prompts: Optional[int] = arg(None, "the first N prompts of each set")
-    eval_prompts: int = arg(32, "held out: the end of set 1, at most a quarter", False)
+    eval_prompts: int = arg(32, "held out: the end of set 1, at most a quarter", authors=False)
     eval_set: Optional[str] = arg(None, "AlpacaEval's instructions, to answer")
     judge: str = arg("llm-blender/PairRM", "toy, panel, FILE.py, or PairRM's folder or hub id")
     out: Optional[str] = arg(None, "the run's folder (runs/<date-time>)")
@@ -73,10 +73,10 @@ class Config:
     warmup_ratio: float = arg(0.1, "share of steps warming up")
     epochs: int = arg(1, "passes over an iteration's data")
     batch_size: int = arg(64, "prompts per optimiser step, all ranks")
-    grad_accum: int = arg(1, "micro-batches per step", False)
+    grad_accum: int = arg(1, "micro-batches per step", authors=False)
     grad_checkpointing: bool = arg(True, "recompute activations (authors: on)")
-    sample_batch_size: int = arg(16, "prompts per sampling call", False)
-    judge_batch_size: int = arg(32, "PairRM pairs per forward", False)
+    sample_batch_size: int = arg(16, "prompts per sampling call", authors=False)
+    judge_batch_size: int = arg(32, "PairRM pairs per forward", authors=False)
     seed: int = arg(42, "every random stream's")
     kl: bool = arg(True, "report the held-out KL(π_t ‖ π_1); keeps π_1 in memory")
     bf16: bool = arg(True, "bf16 compute on fp32 weights (authors); by default on CUDA only")
@@ -518,7 +518,8 @@ def run(cfg: Config):
         out, start = prepare_out(cfg, env)
         last = os.path.join(out, f"iter{start - 1}") if start > 1 else cfg.model
         model, tokenizer = load_policy(last, cfg, env, config)
-        compute = torch.bfloat16 if env.bf16 and env.distributed else torch.float32  # sharded
+        # π_1 takes no gradients and no optimiser state: its FSDP2 shards can be bf16
+        compute = torch.bfloat16 if env.bf16 and env.distributed else torch.float32
         base = load_policy(cfg.model, cfg, env, config, compute)[0] if cfg.kl and held_out else None
         limit = context_length(model.config) - cfg.max_new_tokens
         held = dict(zip(("text", "ids"), render_all(tokenizer, held_out, limit)))
@@ -1208,14 +1209,9 @@ def load_policy(path: str, cfg: Config, env: Env, config, dtype=torch.float32):
         try:
             stored = "auto" if env.distributed else dtype
             full = AutoModelForCausalLM.from_pretrained(path, dtype=stored, **kw)
-        except Exception as e:  # told to every rank below: none waits for rank 0
-            error = f"cannot load the weights of --model {path}: {first_line(e)}"
-    if env.distributed:
-        news = [error]
-        dist.broadcast_object_list(news)
-        error = news[0]
-    if error:
-        fail(error)
+        except Exception as e:  # told to every rank
+            error = UserError(f"cannot load the weights of --model {path}: {first_line(e)}")
+    from_rank0(error, env)
     if "gguf_file" in kw and full is not None:  # a plain fp32 model from now on, saved as one
         del full.config.quantization_config
         full.hf_quantizer = None
@@ -1376,17 +1372,22 @@ def dry_run(cfg: Config):
 
 def prepare_out(cfg: Config, env: Env):
     """The run's folder and its first iteration without a saved iterate, from rank 0."""
-    result = [None]
+    result = None
     if env.rank == 0:
         try:
-            result = [claim(cfg)]
-        except UserError as e:  # every rank leaves the broadcast, then fails
-            result = [e]
+            result = claim(cfg)
+        except UserError as e:
+            result = e
+    return from_rank0(result, env)
+
+
+def from_rank0(value, env: Env):  # on every rank; a UserError raised on all: none waits
+    box = [value]
     if env.distributed:
-        dist.broadcast_object_list(result)
-    if isinstance(result[0], UserError):
-        raise result[0]
-    return result[0]
+        dist.broadcast_object_list(box)
+    if isinstance(box[0], UserError):
+        raise box[0]
+    return box[0]
 
 
 def claim(cfg: Config):
