@@ -142,8 +142,8 @@ def seed_for(*keys: int) -> int:  # e.g. (seed, t, prompt, sample): batch sizes 
 
 
 def render_prompt(tokenizer, prompt: str) -> tuple[str, list[int]]:
-    """The prompt as text (the judge's source) and ids: a user turn and the generation prompt,
-    no special tokens added twice. Without a template (GPT-2): 'User: …\\nAssistant:'."""
+    """Text (the judge's source) and ids of a user turn and the generation prompt; without a
+    chat template (GPT-2): 'User: …\\nAssistant:'."""
     if not tokenizer.chat_template:
         text = f"User: {prompt}\nAssistant:"
         return text, tokenizer(text).input_ids
@@ -153,8 +153,8 @@ def render_prompt(tokenizer, prompt: str) -> tuple[str, list[int]]:
 
 
 def truncate(prompt_ids, responses, max_length: int, max_prompt_length: int):
-    """The authors' (TRL's) rule: if prompt + longest response > max_length, keep the prompt's
-    last max_prompt_length tokens; responses still too long keep max_length − that many."""
+    """The authors' (TRL's) rule: if prompt + longest response > max_length, the prompt keeps
+    its last max_prompt_length tokens, and a response still too long max_length − that many."""
     if len(prompt_ids) + max(map(len, responses)) > max_length:
         prompt_ids = prompt_ids[-max_prompt_length:]
     cut = max_length - max_prompt_length
@@ -162,8 +162,7 @@ def truncate(prompt_ids, responses, max_length: int, max_prompt_length: int):
     return prompt_ids, fits
 
 
-def pad(seqs: list[list[int]], pad_id: int, left: bool):
-    """A rectangle: left pads for sampling (new tokens line up), right pads for training."""
+def pad(seqs: list[list[int]], pad_id: int, left: bool):  # left for sampling, right for training
     n = max(map(len, seqs))
     ids = torch.full((len(seqs), n), pad_id)  # [B, n]
     mask = torch.zeros((len(seqs), n), dtype=torch.long)  # [B, n]
@@ -194,8 +193,8 @@ def nucleus(probs, top_p: float):  # top-p by its definition: a sort
 
 def next_token(logits, temperature: float, top_p: float, u):
     """A token per row from softmax(logits / T) in the top-p nucleus, without the sort that
-    costs a CPU most of a 135M model's step: a draw is kept if the tokens more probable than it
-    hold < top_p, else redrawn; kept draws follow the nucleus exactly (then: the sort)."""
+    costs a CPU most of a 135M model's step: a draw outside the nucleus is redrawn (kept draws
+    follow the nucleus exactly), ROUNDS times, then the sort."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # [B, V]
@@ -219,9 +218,8 @@ def next_token(logits, temperature: float, top_p: float, u):
 def sample(model, input_ids, attention_mask, *, max_new_tokens: int, temperature: float,
            top_p: float, eos_token_id, pad_token_id: int, k: int = 1, generator=None,
            static: bool = False, cuda_graph: bool = False):
-    """k responses to each left-padded prompt: one prefill per prompt, its KV cache repeated k
-    times, a token per step. [B·k, max_new_tokens]: row i·k + j, prompt i's j-th response,
-    padded after EOS. generator: one, or one per row (then batch-mates change nothing)."""
+    """k responses to each left-padded prompt, one prefill per prompt: [B·k, max_new_tokens],
+    row i·k + j prompt i's j-th response. generator: one, or one per row."""
     from transformers import DynamicCache
 
     B, device = input_ids.shape[0] * k, input_ids.device
@@ -264,9 +262,8 @@ def strip_response(tokens: list[int], eos_ids: list[int]) -> list[int]:  # up to
 
 
 def sample_responses(model, tokenizer, prompt_ids, cfg: Config, tag: int, env: Env, desc: str):
-    """K responses per prompt (ids, EOS kept). Response (i, j) draws from a stream seeded by
-    (seed, tag, i, j), tag t, or −1 for held-out prompts, −2 for --eval-set: every policy is
-    evaluated on the same random numbers."""
+    """K responses per prompt (ids, EOS kept); (i, j) draws from the stream (seed, tag, i, j):
+    tag t, or −1 held out, −2 --eval-set, so every policy is evaluated on the same numbers."""
     eos = eos_token_ids(model, tokenizer)
 
     def chunk(start, prompts):
@@ -285,12 +282,11 @@ def sample_responses(model, tokenizer, prompt_ids, cfg: Config, tag: int, env: E
         return map_chunks(chunk, list(prompt_ids), cfg.sample_batch_size, env, desc)
 
 
-# --- Algorithm 1, step 2: judge every ordered pair. A judge (after run()) gives for each prompt's K
-# candidates M[i, j], the logit that candidate i beats candidate j.
+# --- Algorithm 1, step 2: judge every ordered pair: M[i, j], the logit that y_i beats y_j.
 
 
 def judge_all(judge, prompts: list[str], candidates: list[list[str]], env: Env, desc: str):
-    """The judge's M[n, i, j] for every prompt, split across ranks: [N, K, K]."""
+    """M for every prompt, [N, K, K], split across ranks (the judges follow run())."""
 
     def chunk(start, cands):
         return list(judge.logit_matrices(prompts[start : start + len(cands)], cands))
@@ -299,8 +295,8 @@ def judge_all(judge, prompts: list[str], candidates: list[list[str]], env: Env, 
 
 
 def preference_cycles(logits):
-    """[N]: whether a prompt's responses hold a cycle y_a ≻ y_b ≻ … ≻ y_a (by the sign of
-    M_ij − M_ji), which no score can order. Warshall: paths through m join paths into m."""
+    """[N]: whether a prompt's responses hold a cycle y_a ≻ y_b ≻ … ≻ y_a, which no score
+    orders. Warshall: paths through m join paths into m."""
     reach = (logits - logits.transpose(-1, -2)) > 0  # i ≻ j, [N, K, K]
     for m in range(logits.shape[-1]):
         reach = reach | (reach[:, :, m, None] & reach[:, None, m, :])
@@ -329,7 +325,7 @@ def win_rates(P):  # P̂_i = mean_j P_ij, the self term P_ii = ½ included, as t
 
 def training_set(prompt_ids, responses, P_hat, cfg: Config):
     """Step 4's (x, y, P̂) per prompt: all K responses, or the winner argmax P̂ and the loser
-    argmin P̂ (authors' code). A prompt whose responses all tie is skipped: no signal."""
+    argmin P̂ (authors' code). A prompt whose responses all tie gives no signal."""
     winners = P_hat.argmax(-1).tolist()
     losers = P_hat.argmin(-1).tolist()
     groups = []
@@ -350,10 +346,9 @@ def training_set(prompt_ids, responses, P_hat, cfg: Config):
 
 
 def sequence_logps(model, input_ids, segment, position_ids, chunk_logits: int = 2**24):
-    """log π(y|x) = Σ over response tokens of log π(y_n | x, y_<n), a response per row
-    (segment: 0 prompt, i + 1 response i, −1 padding). The LM head runs at response tokens
-    only, ~chunk_logits at a time (log-softmax in fp32), recomputed in backward: the [tokens ×
-    vocabulary] logits never exist."""
+    """log π(y|x) = Σ_n log π(y_n | x, y_<n) per response (segment: 0 prompt, i + 1 response
+    i, −1 padding). The LM head runs at response tokens only, ~chunk_logits at a time,
+    recomputed in backward: the [tokens × vocabulary] logits never exist."""
     hidden = last_hidden(model, input_ids, attention_mask=(segment >= 0).long(),
                          position_ids=position_ids, use_cache=False)  # [B, T, H]
     rows, cols = (segment > 0).nonzero(as_tuple=True)  # response tokens, [N] each
@@ -375,8 +370,7 @@ def token_logps(head, hidden, target, config):
 
 def sppo_loss(policy_logps, ref_logps, win_rates, eta: float):
     """Per response (log π_θ(y|x) − log π_t(y|x) − η (P̂ − ½))². The ½ is log Z / η: π_t beats
-    itself half the time. η is large as P̂ − ½ spans ~±0.4 while a response's log-ratio moves
-    by tens of nats. A winner's and a loser's mean is the authors' ½(l_w + l_l)."""
+    itself half the time. η is large: P̂ − ½ spans ~±0.4, a log-ratio tens of nats."""
     log_ratio = policy_logps - ref_logps
     target = eta * (win_rates - 0.5)
     return (log_ratio - target) ** 2  # [N]
@@ -409,16 +403,15 @@ def batch_loss(name: str, policy_logps, ref_logps, win_rates, roles: list[str], 
 
 
 def lr_at(step: int, total: int, warmup_ratio: float, schedule: str) -> float:
-    """The peak lr's share: linear warm-up, then linear decay or constant. Warm-up counts from
-    the first step, which trains (transformers' schedule runs it at lr 0)."""
+    """The peak lr's share: linear warm-up, then linear decay or constant. The first step
+    trains (transformers' schedule runs it at lr 0)."""
     warmup = math.ceil(total * warmup_ratio)
     if step < warmup:
         return (step + 1) / warmup
     return 1.0 if schedule == "constant" else (total - step) / max(1, total - warmup)
 
 
-def collate(items, pad_id: int):
-    """sequence_logps' rows, prompt + response, right-padded: ids, segment, position ids."""
+def collate(items, pad_id: int):  # sequence_logps' rows: ids, segment, position ids
     rows = [it["prompt"] + it["response"] for it in items]
     segments = [[0] * len(it["prompt"]) + [i + 1] * len(it["response"])
                 for i, it in enumerate(items)]
@@ -433,8 +426,7 @@ def items_logps(model, items, pad_id: int, env: Env):  # of dicts with prompt an
 
 def train_iteration(model, groups, cfg: Config, t: int, pad_id: int, env: Env, log):
     """Step 4 over groups (a list of items per prompt), batch_size prompts an optimiser step."""
-    # made before any forward: after one, FSDP2 keeps the root unsharded until a backward, and
-    # an optimiser made then would update throw-away tensors
+    # made before any forward: after one, FSDP2's root stays unsharded until a backward
     if cfg.optimizer == "rmsprop":
         opt = torch.optim.RMSprop(model.parameters(), lr=cfg.lr)
     else:
@@ -466,12 +458,13 @@ def train_iteration(model, groups, cfg: Config, t: int, pad_id: int, env: Env, l
 
 
 def train_step(model, opt, batch, cfg: Config, pad_id: int, env: Env) -> dict:
-    """An optimiser step on a batch of prompts; returns the line it logs."""
+    """An optimiser step on a batch of prompts; returns what it logs."""
     units = sum(map(len, batch)) // (2 if cfg.loss in ("dpo", "ipo") else 1)  # loss: their mean
     sums = torch.zeros(5, dtype=torch.float64, device=env.device)  # loss; per role Σ and n
     for m in range(cfg.grad_accum):
-        # every rank runs every micro-step (FSDP's collectives must match): one left without
-        # prompts by a short last batch runs one at weight 0
+        # every rank runs every micro-step (FSDP's collectives must match), at weight 0 if a
+        # short last batch leaves it none
+
         mine = batch[m :: cfg.grad_accum][env.rank :: env.world]
         weight = 1.0 if mine else 0.0
         chunk = [it for g in (mine or batch[:1]) for it in g]
@@ -508,8 +501,7 @@ def run(cfg: Config):
     """Algorithm 1, T times. Each stage is saved as it ends; --resume goes on from there."""
     env, out = setup(cfg), None
     signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        # every input is checked before anything is written or loaded
+    try:  # every input is checked before anything is written or loaded
         config = model_config(cfg)  # π_1's: the sharded models' and the iterates' dtype
         dtype = config.dtype or torch.float32
         held_out, prompt_sets = load_prompt_sets(cfg, env)
@@ -578,11 +570,11 @@ def run(cfg: Config):
             shutil.rmtree(os.path.join(out, "work"), ignore_errors=True)
         if env.distributed:
             dist.barrier()  # no rank leaves the group while another still uses it
-    except KeyboardInterrupt as e:  # Ctrl-C, or a scheduler's SIGTERM (SLURM, Kubernetes)
+    except KeyboardInterrupt as e:  # Ctrl-C, or a scheduler's SIGTERM
         where = f"every finished stage is saved. Resume with: python sppo.py --resume {out}"
         say0(f"interrupted, {where if out else 'before anything was written'}")
         raise SystemExit(128 + (e.args[0] if e.args else signal.SIGINT))
-    except UserError:  # a new run that failed before its start leaves nothing to block the next
+    except UserError:  # a new run that failed to start leaves nothing to block the next
         if out and env.rank == 0 and not (cfg.resume or os.path.exists(f"{out}/eval0.json")):
             unclaim(out, cfg)
         raise
@@ -605,7 +597,7 @@ GAME = torch.tensor([[0.5, 0.9, 0.3],  # P[i, j] = P(y_i ≻ y_j): y_0 ≻ y_1 �
 
 
 def nash_equilibrium(P):
-    """π* with P π* = ½ (nothing beats it) and Σ π* = 1: the fully mixed equilibrium."""
+    """π* with P π* = ½ (nothing beats it) and Σ π* = 1."""
     A = torch.cat([P - 0.5, torch.ones(1, len(P), dtype=P.dtype)])  # [n + 1, n]
     b = torch.zeros(len(P) + 1, 1, dtype=P.dtype)
     b[-1] = 1
@@ -666,7 +658,7 @@ def nash_demo(eta: float, T: int) -> list[dict]:
 
 
 class ToyJudge:
-    """The tiny mode's transparent, intransitive judge; it ignores the prompt:
+    """The tiny mode's intransitive judge, blind to the prompt:
         M[a, b] = 8 (vowels(a) − vowels(b)) + rps(a, b)
     vowels: the share of a text's characters in 'aeiouAEIOU'; rps: +1 / −1 / 0 when the class
     (ord % 3: rock, paper, scissors) of a's first character beats / loses to / ties b's."""
@@ -684,8 +676,7 @@ class ToyJudge:
 
 
 class PreferenceJudge:
-    """prefer(prompt, a, b) -> the logit that a beats b, for every ordered pair: the panel,
-    or your own --judge FILE.py."""
+    """prefer(prompt, a, b) -> the logit that a beats b: the panel, or your --judge FILE.py."""
 
     def __init__(self, prefer, name: str):
         self.prefer, self.name = prefer, name
@@ -708,10 +699,9 @@ class PreferenceJudge:
         return value
 
 
-# The classroom's judge: four graders, each checking what a student can check by reading. On a
-# pair each votes for the higher score (a tie: no vote). They pull apart: the prompt's words
-# want longer answers, a finished sentence within budget shorter ones, 20 words sits between,
-# and repeats lose at any length.
+# The classroom's judge: four graders a student can check by reading, each voting for the higher
+# score. They pull apart: the prompt's words want longer answers, a finished sentence within
+# budget shorter ones, 20 words sits between, and repeats lose at any length.
 
 
 def on_topic(prompt: str, answer: str) -> int:
@@ -749,14 +739,13 @@ def panel_prefer(prompt: str, a: str, b: str) -> float:
 
 
 def judge_sources(judge, prompts: list[str], texts: list[str]) -> list[str]:
-    """PairRM reads the chat-templated prompt (the authors' source); prefer() the prompt alone,
-    or the panel would reward words of a system prompt that the template adds."""
+    """PairRM reads the templated prompt (the authors' source); prefer() the prompt alone: the
+    panel would reward a template's system prompt words."""
     return texts if isinstance(judge, torch.nn.Module) else prompts
 
 
 def load_judge(cfg: Config, env: Env):
-    """toy, panel, prefer() from your FILE.py (only a local file you name, run as your own
-    script), or PairRM (pairrm_lite), in bf16 where the policy computes in bf16."""
+    """toy, panel, prefer() from a local FILE.py you name, or PairRM (bf16 if the policy)."""
     if cfg.judge == "toy":
         return ToyJudge()
     if cfg.judge == "panel":
@@ -791,8 +780,8 @@ def load_judge(cfg: Config, env: Env):
 
 
 def evaluate(model, base, judge, tokenizer, held: dict, cfg: Config, env: Env, t: int):
-    """π_t's held-out answers (the same random numbers for every π); from t = 1 their win rates
-    against π_1's and the last iterate's, and the KL to π_1 (base)."""
+    """π_t's held-out answers; from t = 1 their win rates against π_1's and the last
+    iterate's, and the KL to π_1 (base)."""
     responses = sample_responses(model, tokenizer, held["ids"], cfg, -1, env, f"eval {t}")
     answers = decode_all(tokenizer, responses)
     m = dict(iteration=t, win_rate_vs_base=None, win_rate_vs_prev=None, kl_vs_base=None)
@@ -818,8 +807,7 @@ def win_rate(judge, prompts: list[str], a, b, env: Env) -> float:
 
 
 def kl_to_base(model, base, prompt_ids, responses, cfg: Config, pad_id: int, env: Env) -> float:
-    """KL(π_t ‖ π_1) ≈ the mean of log π_t(y|x) − log π_1(y|x) over y ~ π_t(·|x), the usual
-    estimate (TRL's too), in nats per response."""
+    """KL(π_t ‖ π_1) ≈ mean of log π_t(y|x) − log π_1(y|x), y ~ π_t (as TRL), nats/response."""
     items = [dict(prompt=p, response=r) for p, rs in zip(prompt_ids, responses) for r in rs]
     now = frozen_logps(model, items, cfg, pad_id, env, "eval KL π_t")
     then = frozen_logps(base, items, cfg, pad_id, env, "eval KL π_1")
@@ -836,8 +824,7 @@ def read_answers(path: str):  # a with_prompts file's answers, None if there is 
 
 
 def alpaca_outputs(model, tokenizer, instructions, cfg: Config, env: Env, out: str, name: str):
-    """model_outputs.json for AlpacaEval: an answer per --eval-set instruction, seeded per
-    instruction (tag −2), so the base and every iterate draw the same random numbers."""
+    """model_outputs.json for AlpacaEval: an answer per --eval-set instruction (tag −2)."""
     limit = context_length(model.config) - cfg.max_new_tokens
     _, ids = render_all(tokenizer, instructions, limit)
     one = dataclasses.replace(cfg, k=1)
@@ -865,10 +852,9 @@ def model_card(cfg: Config, m: dict, t: int) -> str:
 
 
 def save(model, tokenizer, path: str, files: dict, env: Env, dtype=torch.float32):
-    """The iterate as the hub ships models: safetensors in its base's dtype, its tokenizer, and
-    files; written to a temporary folder and renamed, so a crash never leaves half of one.
-    run() rounds the fp32 master weights to it first: the next iteration starts from the saved
-    iterate, as the authors' pipeline does and a resumed run must."""
+    """The iterate as the hub ships models (safetensors in its base's dtype, its tokenizer) and
+    files, by a temporary folder renamed: a crash never leaves half of one."""
+
     state = None
     if model is not None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions as Options
@@ -907,17 +893,15 @@ def iteration_line(m: dict) -> str:  # the iteration's metrics, as logged
 def plot_curves(out: str):
     """DIR/curves.png: held-out win rates, winners' and losers' log-ratios (with matplotlib)."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: no display backend
     except ImportError:
         return say0(f"pip install matplotlib for {out}/curves.png")
     with open(os.path.join(out, "metrics.jsonl")) as f:
         lines = [json.loads(line) for line in f]
     iters = [m for m in lines if m.get("win_rate_vs_base") is not None]
     steps = [m for m in lines if "step" in m]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    left, right = fig.subplots(1, 2)
     for key in ("win_rate_vs_base", "win_rate_vs_prev"):
         left.plot([m["iteration"] for m in iters], [m[key] for m in iters], "o-", label=key)
     for key in ("winner_logratio", "loser_logratio"):
@@ -927,17 +911,17 @@ def plot_curves(out: str):
     left.legend()
     right.legend()
     fig.savefig(os.path.join(out, "curves.png"))
-    plt.close(fig)
 
 
-# --- Fast paths: FSDP2 under torchrun, one gather of the weights for no-grad work, a static KV
-# cache replayed as a CUDA graph. Each is tested equal to the plain path it speeds up.
+
+# --- Fast paths: FSDP2, one gather of the weights for no-grad work, a static KV cache replayed as
+# a CUDA graph. Each is tested equal to the plain path it speeds up.
 
 
 def shard(model, full, env: Env):
-    """FSDP2 on each decoder layer (_no_split_modules), then on the root (embeddings, head),
-    with bf16 compute and fp32 gradient reductions if bf16. model's parameters are on the meta
-    device: each rank allocates its shard, and rank 0 broadcasts full's weights into them."""
+    """FSDP2 on each decoder layer (_no_split_modules), then the root; bf16 compute and fp32
+    reductions if bf16. model is on the meta device: each rank allocates its shard, and rank 0
+    broadcasts full's weights into them."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -964,8 +948,8 @@ def shard(model, full, env: Env):
 
 @contextmanager
 def parameters_on_meta():
-    """Parameters on the meta device, buffers as the model's own __init__ computes them (rotary
-    inv_freq, Gemma's embed_scale): no checkpoint holds them. Accelerate's init_empty_weights."""
+    """Parameters on the meta device, buffers as the model's __init__ computes them (rotary
+    inv_freq): no checkpoint holds them. Accelerate's init_empty_weights."""
     register = torch.nn.Module.register_parameter
 
     def on_meta(module, name, param):
@@ -983,7 +967,7 @@ def parameters_on_meta():
 @contextmanager
 def full_weights(model):
     """The full weights gathered once for no-grad work: one all-gather, not one per layer and
-    token, and no collective inside, so ranks may stop decoding at different lengths."""
+    token, and no collective inside: ranks may stop decoding at different lengths."""
     from torch.distributed.fsdp import FSDPModule
 
     fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]
@@ -999,8 +983,8 @@ def full_weights(model):
 
 
 def map_chunks(fn, items: list, size: int, env: Env, desc: str) -> list:
-    """fn(start, chunk) over chunks of items; chunk c runs on rank c % world, and every rank
-    gets all results in order. The chunks do not depend on the number of ranks."""
+    """fn(start, chunk) over chunks of items, chunk c on rank c % world; every rank gets all
+    results in order."""
     starts = range(0, len(items), size)
     mine = {}
     for s in tqdm(starts[env.rank :: env.world], desc, leave=False, disable=env.rank != 0):
@@ -1022,7 +1006,7 @@ def frozen_logps(model, items, cfg: Config, pad_id: int, env: Env, desc: str) ->
 
 def last_hidden(model, input_ids, **kwargs):
     """The final norm's output, [B, T, H], from a forward of the whole model (FSDP2 needs the
-    root's) whose LM head runs on no position."""
+    root's) with the LM head on no position."""
     seen = []
 
     def keep(module, args, out):
@@ -1038,8 +1022,7 @@ def last_hidden(model, input_ids, **kwargs):
 
 
 def lm_logits(logits, config):
-    """The head's output in fp32, soft-capped (Gemma 2) or scaled (Granite, Cohere) as the
-    model's own forward does."""
+    """The head's output in fp32, soft-capped or scaled as the model's own forward does."""
     logits = logits.float()
     cap = getattr(config, "final_logit_softcapping", None)
     if cap:
@@ -1067,9 +1050,9 @@ def next_logits(model, input_ids, **kwargs):  # the next token's, [B, V] in fp32
 
 
 class StaticDecoder:
-    """A KV cache and mask sized for the whole sequence: every decode step has the same shapes,
-    so on CUDA it is captured once as a CUDA graph and replayed, without the launch costs that
-    dominate decoding at small batch (no torch.compile, no Triton)."""
+    """A KV cache and mask sized for the whole sequence: every step has the same shapes, so CUDA
+    captures it once as a graph and replays it, without the launch costs that dominate decoding
+    at small batch (no torch.compile, no Triton)."""
 
     def __init__(self, model, cache, k: int, mask, max_new_tokens: int, cuda_graph=False):
         from transformers import StaticCache
@@ -1144,8 +1127,7 @@ def disable_dropout(model):
 
 
 def tiny_model(seed: int):
-    """A random 2-layer Llama (0.14M parameters) that learns the toy judge in seconds on a CPU;
-    its tokenizer has a token per printable ASCII character."""
+    """A random 2-layer Llama (0.14M parameters), a token per printable ASCII character."""
     from tokenizers import Tokenizer, decoders, models
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -1165,8 +1147,7 @@ def tiny_model(seed: int):
 
 
 def model_config(cfg: Config):
-    """π_1's config, read first: a wrong --model is the first error, and --dry-run needs no
-    more. From the hub, its cache (HF_HUB_OFFLINE=1) or a folder."""
+    """π_1's config, read first: a wrong --model is the first error; --dry-run needs no more."""
     from transformers import AutoConfig
 
     if cfg.model == "tiny":
@@ -1182,7 +1163,7 @@ def model_config(cfg: Config):
 
 def load_policy(path: str, cfg: Config, env: Env, config, dtype=torch.float32):
     """A model in dtype and its tokenizer, dropout off. Under torchrun rank 0 alone reads the
-    checkpoint into an empty model built from config (π_1's), and each rank keeps its shard."""
+    checkpoint, and each rank keeps its shard of an empty model built from config (π_1's)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
 
@@ -1253,8 +1234,7 @@ def builtin_prompts() -> list[str]:
 
 
 def load_prompts(cfg: Config, t: int, flag: str = "--prompts") -> list[str]:
-    """Iteration t's prompts, or --eval-set's instructions: the built-in list, a local file or a
-    hub dataset."""
+    """Iteration t's prompts, or --eval-set's: the built-in list, a local file or a dataset."""
     import datasets
 
     datasets.disable_progress_bars()  # our bars only
@@ -1299,8 +1279,7 @@ def load_prompts(cfg: Config, t: int, flag: str = "--prompts") -> list[str]:
 
 
 def load_prompt_sets(cfg: Config, env: Env):
-    """The held-out prompts (the end of set 1, at most a quarter, never trained on) and each
-    iteration's training prompts."""
+    """The held-out prompts (the end of set 1, at most a quarter) and each iteration's."""
     first = load_prompts(cfg, 1)
     if env.world > len(first):
         fail(f"{env.world} processes but {len(first)} prompts: use fewer processes")
@@ -1343,7 +1322,7 @@ def memory_plan(cfg: Config, a: dict, gpus: int) -> dict:
 
 
 def dry_run(cfg: Config):
-    """The recipe (the authors' value beside a change) and the memory plan from the config."""
+    """The recipe (the authors' value beside a change) and the memory plan."""
     from transformers import AutoModelForCausalLM
 
     c = model_config(cfg)  # first: a config that cannot be had is the one line printed
@@ -1371,7 +1350,7 @@ def dry_run(cfg: Config):
 
 
 def prepare_out(cfg: Config, env: Env):
-    """The run's folder and its first iteration without a saved iterate, from rank 0."""
+    """The run's folder and its first unsaved iteration, from rank 0."""
     result = None
     if env.rank == 0:
         try:
@@ -1448,7 +1427,7 @@ def log_line(path: str, env: Env, **metrics):  # a JSON line, by rank 0
 
 
 def write_json(path: str, obj, env: Env = Env()):
-    """Whole or not at all (a temporary file, then a rename), by rank 0."""
+    """Whole or not at all (a temporary file renamed), by rank 0."""
     if env.rank == 0:
         with open(path + ".tmp", "w") as f:
             json.dump(obj, f)
@@ -1556,7 +1535,8 @@ def parse_config(argv=None) -> Config:
 
 
 def check(cfg: Config):
-    """Values that cannot work end the run at once, before anything is read or loaded."""
+    """Values that cannot work end the run before anything is read or loaded."""
+
     for name in ("iterations", "max_new_tokens", "epochs", "batch_size", "sample_batch_size",
                  "judge_batch_size", "grad_accum", "max_prompt_length", "num_prompts"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:

