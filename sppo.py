@@ -219,7 +219,9 @@ def sample(model, input_ids, attention_mask, *, max_new_tokens: int, temperature
            top_p: float, eos_token_id, pad_token_id: int, k: int = 1, generator=None,
            static: bool = False, cuda_graph: bool = False):
     """k responses to each left-padded prompt, one prefill per prompt: [B·k, max_new_tokens],
-    row i·k + j prompt i's j-th response. generator: one, or one per row."""
+    row i·k + j prompt i's j-th response. generator: one, or one per row (batch-mates then
+    change nothing)."""
+
     from transformers import DynamicCache
 
     B, device = input_ids.shape[0] * k, input_ids.device
@@ -370,7 +372,8 @@ def token_logps(head, hidden, target, config):
 
 def sppo_loss(policy_logps, ref_logps, win_rates, eta: float):
     """Per response (log π_θ(y|x) − log π_t(y|x) − η (P̂ − ½))². The ½ is log Z / η: π_t beats
-    itself half the time. η is large: P̂ − ½ spans ~±0.4, a log-ratio tens of nats."""
+    itself half the time. η is large: P̂ − ½ spans ~±0.4, a log-ratio tens of nats. A winner's
+    and a loser's mean is the authors' ½(l_w + l_l)."""
     log_ratio = policy_logps - ref_logps
     target = eta * (win_rates - 0.5)
     return (log_ratio - target) ** 2  # [N]
@@ -464,7 +467,6 @@ def train_step(model, opt, batch, cfg: Config, pad_id: int, env: Env) -> dict:
     for m in range(cfg.grad_accum):
         # every rank runs every micro-step (FSDP's collectives must match), at weight 0 if a
         # short last batch leaves it none
-
         mine = batch[m :: cfg.grad_accum][env.rank :: env.world]
         weight = 1.0 if mine else 0.0
         chunk = [it for g in (mine or batch[:1]) for it in g]
@@ -547,7 +549,9 @@ def run(cfg: Config):
             groups, winners, losers = training_set(ids, responses, P_hat, cfg)
             # step 4: minimise the SPPO loss: π_t becomes π_{t+1}
             train_iteration(model, groups, cfg, t, tokenizer.pad_token_id, env, log)
-            for p in model.parameters():  # π_{t+1} is the saved iterate, in its base's dtype
+            # π_{t+1} is the saved iterate, in its base's dtype: the authors' next iteration and a
+            # resumed run start from it
+            for p in model.parameters():
                 p.data.copy_(p.data.to(dtype))
             # evaluate π_{t+1} on the held-out prompts, then save it
             held_answers, m = evaluate(model, base, judge, tokenizer, held, cfg, env, t)
@@ -854,7 +858,6 @@ def model_card(cfg: Config, m: dict, t: int) -> str:
 def save(model, tokenizer, path: str, files: dict, env: Env, dtype=torch.float32):
     """The iterate as the hub ships models (safetensors in its base's dtype, its tokenizer) and
     files, by a temporary folder renamed: a crash never leaves half of one."""
-
     state = None
     if model is not None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions as Options
@@ -911,7 +914,6 @@ def plot_curves(out: str):
     left.legend()
     right.legend()
     fig.savefig(os.path.join(out, "curves.png"))
-
 
 
 # --- Fast paths: FSDP2, one gather of the weights for no-grad work, a static KV cache replayed as
@@ -984,7 +986,7 @@ def full_weights(model):
 
 def map_chunks(fn, items: list, size: int, env: Env, desc: str) -> list:
     """fn(start, chunk) over chunks of items, chunk c on rank c % world; every rank gets all
-    results in order."""
+    results in order. The chunks do not depend on the number of ranks."""
     starts = range(0, len(items), size)
     mine = {}
     for s in tqdm(starts[env.rank :: env.world], desc, leave=False, disable=env.rank != 0):
@@ -1106,7 +1108,6 @@ class StaticDecoder:
         except RuntimeError as e:
             warn(f"no CUDA graph ({first_line(e)}): decoding without one")
             self.cuda_graph = False
-
 
 
 # --- Plumbing: models, prompts, the memory plan, the run's folder, errors, the command line.
@@ -1279,7 +1280,8 @@ def load_prompts(cfg: Config, t: int, flag: str = "--prompts") -> list[str]:
 
 
 def load_prompt_sets(cfg: Config, env: Env):
-    """The held-out prompts (the end of set 1, at most a quarter) and each iteration's."""
+    """The held-out prompts (the end of set 1, at most a quarter, never trained on) and each
+    iteration's."""
     first = load_prompts(cfg, 1)
     if env.world > len(first):
         fail(f"{env.world} processes but {len(first)} prompts: use fewer processes")
@@ -1536,7 +1538,6 @@ def parse_config(argv=None) -> Config:
 
 def check(cfg: Config):
     """Values that cannot work end the run before anything is read or loaded."""
-
     for name in ("iterations", "max_new_tokens", "epochs", "batch_size", "sample_batch_size",
                  "judge_batch_size", "grad_accum", "max_prompt_length", "num_prompts"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
