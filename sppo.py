@@ -33,7 +33,9 @@ from typing import Literal, Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.checkpoint import checkpoint
+
 from tqdm import tqdm
 
 # --- Config: the authors' values; a preset overrides some; a flag given beats both.
@@ -163,14 +165,10 @@ def truncate(prompt_ids, responses, max_length: int, max_prompt_length: int):
 
 
 def pad(seqs: list[list[int]], pad_id: int, left: bool):  # left for sampling, right for training
-    n = max(map(len, seqs))
-    ids = torch.full((len(seqs), n), pad_id)  # [B, n]
-    mask = torch.zeros((len(seqs), n), dtype=torch.long)  # [B, n]
-    for i, s in enumerate(seqs):
-        at = slice(n - len(s), n) if left else slice(0, len(s))
-        ids[i, at] = torch.tensor(s, dtype=torch.long)
-        mask[i, at] = 1
-    return ids, mask
+    side = "left" if left else "right"
+    ids = [torch.tensor(s, dtype=torch.long) for s in seqs]
+    mask = [torch.ones_like(s) for s in ids]
+    return pad_sequence(ids, True, pad_id, side), pad_sequence(mask, True, 0, side)  # [B, n] each
 
 
 # --- Algorithm 1, step 1: sample K responses y_1..y_K ~ π_t(·|x) for each prompt.
@@ -226,10 +224,8 @@ def sample(model, input_ids, attention_mask, *, max_new_tokens: int, temperature
 
     B, device = input_ids.shape[0] * k, input_ids.device
     shape = (ROUNDS + 1, max_new_tokens)  # every step's uniforms, drawn up front
-    if isinstance(generator, (list, tuple)):
-        u = torch.stack([torch.rand(shape, generator=g, device=device) for g in generator])
-    else:
-        u = torch.rand((B, *shape), generator=generator, device=device)
+    gens = generator if isinstance(generator, (list, tuple)) else [generator] * B
+    u = torch.stack([torch.rand(shape, generator=g, device=device) for g in gens])  # [B, R, N]
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)  # [B/k, T]
     cache = DynamicCache(config=model.config)
     logits = next_logits(model, input_ids, attention_mask=attention_mask,
@@ -1333,7 +1329,7 @@ def dry_run(cfg: Config):
         changed = changed and "(authors:" in f.metadata["help"]  # a value of their recipe
         print(f"--{f.name.replace('_', '-'):20} {value}" + changed * f" (authors: {f.default})")
     with torch.device("meta"):
-        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(c).parameters())
+        params = AutoModelForCausalLM.from_config(c).num_parameters()
     heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     a = dict(params=params, layers=c.num_hidden_layers, hidden=c.hidden_size,
