@@ -35,7 +35,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.checkpoint import checkpoint
-
 from tqdm import tqdm
 
 # --- Config: the authors' values; a preset overrides some; a flag given beats both.
@@ -219,7 +218,6 @@ def sample(model, input_ids, attention_mask, *, max_new_tokens: int, temperature
     """k responses to each left-padded prompt, one prefill per prompt: [B·k, max_new_tokens],
     row i·k + j prompt i's j-th response. generator: one, or one per row (batch-mates then
     change nothing)."""
-
     from transformers import DynamicCache
 
     B, device = input_ids.shape[0] * k, input_ids.device
@@ -1230,6 +1228,10 @@ def builtin_prompts() -> list[str]:
     return [prompts[i] for i in order.tolist()]
 
 
+# prompt files by datasets' builders; besides, a .txt holds a prompt a line
+FILES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
 def load_prompts(cfg: Config, t: int, flag: str = "--prompts") -> list[str]:
     """Iteration t's prompts, or --eval-set's: the built-in list, a local file or a dataset."""
     import datasets
@@ -1239,15 +1241,14 @@ def load_prompts(cfg: Config, t: int, flag: str = "--prompts") -> list[str]:
     if flag == "--eval-set":  # AlpacaEval's own column and split
         source, column, split = cfg.eval_set, "instruction", "eval"
     ext = os.path.splitext(source)[1]
-    files = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
     try:
         if source == "builtin":
             rows = {column: builtin_prompts()}
         elif ext == ".txt":
             with open(source, encoding="utf-8") as f:
                 rows = {column: f.read().splitlines()}
-        elif ext in files:
-            rows = datasets.load_dataset(files[ext], data_files=source, split="train")
+        elif ext in FILES:
+            rows = datasets.load_dataset(FILES[ext], data_files=source, split="train")
         elif flag == "--eval-set":  # AlpacaEval's repo loads by a script, which datasets 4
             from huggingface_hub import hf_hub_download  # refuses: read its file instead
 
@@ -1554,7 +1555,7 @@ def check(cfg: Config):
         if bad:
             fail(message)
     for flag, path in (("prompts", cfg.prompts), ("eval-set", cfg.eval_set or "")):
-        local = path.endswith((".json", ".jsonl", ".parquet", ".csv", ".txt"))
+        local = path.endswith((*FILES, ".txt"))
         if local and not os.path.exists(path.replace("{t}", "1")):
             fail(f"--{flag} {path}: no such file")
     for flag, path, kind in (("model", cfg.model, ".gguf"), ("judge", cfg.judge, ".py")):

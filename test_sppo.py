@@ -198,7 +198,6 @@ def test_pairwise_probs_against_a_direct_loop(method):
     assert torch.allclose(sppo.win_rates(P), torch.tensor([1.9 / 3, 1.6 / 3, 1.0 / 3]))
 
 
-
 def test_lr_warm_up_and_decay_by_hand():
     """Warm-up (step + 1) / ⌈ratio · total⌉, then (total − step) / (total − warm-up) or constant."""
     linear = [sppo.lr_at(s, 10, 0.25, "linear") for s in range(10)]  # ⌈2.5⌉ = 3 warm-up steps
@@ -285,7 +284,6 @@ def test_kl_to_base_against_a_direct_computation():
     prompts = [[1, 40, 41, 42], [1, 50, 51]]
     responses = [[[60, 61, 2], [62, 2]], [[70, 71, 72, 73], [74, 2]]]  # K = 2 per prompt
     direct = [direct_logp(policy, p, r) - direct_logp(base, p, r) for p, rs in zip(prompts, responses) for r in rs]
-
     cfg, pad_id, env = sppo.parse_config([]), tok.pad_token_id, ENV
     kl = sppo.kl_to_base(policy.eval(), base.eval(), prompts, responses, cfg, pad_id, env)
     assert abs(kl - sum(direct) / len(direct)) < 1e-4 and abs(kl) > 0.01
@@ -546,7 +544,6 @@ def test_presets_and_flags():
     assert (smol.model, smol.judge, smol.num_prompts, smol.k) == (SMOLLM2, "panel", 48, 4)
 
 
-
 def test_bf16_on_cuda_8_0_and_on_cpus_if_asked(monkeypatch, capsys):
     """CPUs fp32 unless --bf16; CUDA bf16 from compute capability 8.0 unless --no-bf16."""
     for args, bf16 in (([], False), (["--model", SMOLLM2], False), (["--bf16"], True)):
@@ -613,7 +610,6 @@ def test_an_iteration_of_one_step_trains(tmp_path):
     assert [m["lr"] for m in metrics(out) if "step" in m] == [3e-3]
     trained, before = weights(out / "iter1"), sppo.tiny_model(42)[0].state_dict()  # seed 42's π_1
     assert sorted(trained) == sorted(before) and any(not torch.equal(trained[k], before[k]) for k in trained)
-
 
 
 def write_tiny_policy(folder, eos=True):
@@ -723,7 +719,6 @@ def test_a_gguf_file_is_read_by_transformers(smollm2):
     """The fixture's iterate of FILE.gguf: a plain fp32 model (answering: the template test)."""
     assert "quantization_config" not in json.loads((smollm2["folder"] / "config.json").read_text())
     assert {v.dtype for v in weights(smollm2["folder"]).values()} == {torch.float32}
-
 
 
 def test_dry_run_reads_the_config_only(tmp_path, smollm2, monkeypatch, capsys):
@@ -1294,7 +1289,6 @@ def test_nash_demo_converges_and_bradley_terry_does_not(capsys):
 def test_curves_are_optional(tmp_path, monkeypatch, capsys):  # drawn: the default run's
     for name in ("matplotlib", "matplotlib.figure"):  # as if it were not installed
         monkeypatch.setitem(sys.modules, name, None)
-
     sppo.plot_curves(str(tmp_path))
     assert "pip install matplotlib" in capsys.readouterr().err and not (tmp_path / "curves.png").exists()
 
