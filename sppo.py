@@ -496,7 +496,8 @@ def train_step(model, opt, batch, cfg: Config, pad_id: int, env: Env) -> dict:
 def run(cfg: Config):
     """Algorithm 1, T times. Each stage is saved as it ends; --resume goes on from there."""
     env, out = setup(cfg), None
-    signal.signal(signal.SIGTERM, on_sigterm)
+    for sig in (signal.SIGTERM, signal.SIGALRM):  # SIGALRM: on_sigterm's repeat
+        signal.signal(sig, on_sigterm)
     try:  # every input is checked before anything is written or loaded
         config = model_config(cfg)  # π_1's: the sharded models' and the iterates' dtype
         dtype = config.dtype or torch.float32
@@ -504,6 +505,7 @@ def run(cfg: Config):
         eval_set = cfg.eval_set and load_prompts(cfg, 0, "--eval-set")
         judge = load_judge(cfg, env)
         out, start = prepare_out(cfg, env)
+        say0(f"the run's folder: {out}")
         last = os.path.join(out, f"iter{start - 1}") if start > 1 else cfg.model
         model, tokenizer = load_policy(last, cfg, env, config)
         # π_1 takes no gradients and no optimiser state: its FSDP2 shards can be bf16
@@ -569,6 +571,7 @@ def run(cfg: Config):
         if env.distributed:
             dist.barrier()  # no rank leaves the group while another still uses it
     except KeyboardInterrupt as e:  # Ctrl-C, or a scheduler's SIGTERM
+        signal.setitimer(signal.ITIMER_REAL, 0)
         where = f"every finished stage is saved. Resume with: python sppo.py --resume {out}"
         say0(f"interrupted, {where if out else 'before anything was written'}")
         raise SystemExit(128 + (e.args[0] if e.args else signal.SIGINT))
@@ -577,7 +580,7 @@ def run(cfg: Config):
             unclaim(out, cfg)
         raise
     except FloatingPointError as e:
-        fail(f"{e}: the iterate is not saved; lower --lr or --eta")
+        fail(f"{e}: the iterate is not saved; a new run with a lower --lr or --eta")
     except RuntimeError as e:  # out of memory: torch.OutOfMemoryError, or the CPU's allocator
         fail(out_of_memory(e, out))
     finally:  # a gloo group alive at exit frees its threads too late (SIGABRT)
@@ -612,8 +615,7 @@ def sppo_game(P, eta: float, T: int):
     iterates = []
     for _ in range(T):
         iterates.append(pi)
-        pi = pi * torch.exp(eta * (P @ pi))
-        pi = pi / pi.sum()
+        pi = torch.softmax(pi.log() + eta * (P @ pi), 0)  # in logs: exp(η ·) overflows at η 1000
     return torch.stack(iterates)
 
 
@@ -1335,7 +1337,7 @@ def dry_run(cfg: Config):
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     a = dict(params=params, layers=c.num_hidden_layers, hidden=c.hidden_size,
              kv_dim=heads * head_dim)
-    print(f"\n{params / 1e9:.2f}B parameters; GiB per GPU (FSDP2 shards fp32 weights, gradients "
+    print(f"\n{params:,} parameters; GiB per GPU (FSDP2 shards fp32 weights, gradients "
           f"and {cfg.optimizer}'s state; bf16 compute):")
     print("GPUs  prompts/GPU/micro-step  sampling  judging  training  fits 80 GB")
     for gpus in (8, 4, 2, 1):
@@ -1453,7 +1455,7 @@ def first_line(e: Exception) -> str:
 
 def say0(message: str):  # a line on stderr, from rank 0 only
     if int(os.environ.get("RANK", 0)) == 0:
-        print(f"sppo: {message}", file=sys.stderr, flush=True)
+        tqdm.write(f"sppo: {message}", sys.stderr)  # below a progress bar, not on its line
 
 
 def warn(message: str):
@@ -1461,7 +1463,8 @@ def warn(message: str):
 
 
 def on_sigterm(signum, frame):  # a scheduler's SIGTERM (SLURM, Kubernetes) is a Ctrl-C
-    raise KeyboardInterrupt(signum)
+    signal.setitimer(signal.ITIMER_REAL, 0.1)  # again until run() stops: a __del__ ignores it
+    raise KeyboardInterrupt(signal.SIGTERM)
 
 
 def out_of_memory(e: Exception, out) -> str:
@@ -1493,6 +1496,7 @@ PRESETS = {  # overrides of the authors' recipe
     "mistral-7b": dict(model="mistralai/Mistral-7B-Instruct-v0.2"),
     "llama-3-8b": dict(model="meta-llama/Meta-Llama-3-8B-Instruct"),
 }
+NAMES = ("tiny", "builtin", "toy", "panel")  # not paths, even where a folder has the name
 # what --resume takes besides the run's config.json: flags that change no result but round-off
 RESUME_FLAGS = {"resume", "out", "iterations", "sample_batch_size", "judge_batch_size",
                 "grad_accum", "debug", "cuda_graph"}
@@ -1512,16 +1516,20 @@ def parse_config(argv=None) -> Config:
     parser.set_defaults(**dict.fromkeys(f.name for f in dataclasses.fields(Config)))
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     if "resume" in given:
-        saved = read_json(os.path.join(given["resume"], "config.json"))
-        if not isinstance(saved, dict) or "eta" not in saved:
+        try:
+            saved = read_json(os.path.join(given["resume"], "config.json")) or {}
+            cfg = Config(**{**saved, **given})
+        except (TypeError, ValueError) as e:  # damaged, or another version's
+            fail(f"--resume {given['resume']}: its config.json is not this sppo's: {first_line(e)}")
+        if "eta" not in saved:
             fail(f"--resume {given['resume']}: no sppo run there (no config.json of one)")
         extra = sorted(set(given) - RESUME_FLAGS)
         if extra:
             fail(f"--resume takes the run's config.json: drop --{extra[0].replace('_', '-')}, "
                  "or start a new run")
-        if given.get("out", given["resume"]) != given["resume"]:
+        folder = os.path.abspath(given["resume"])
+        if os.path.abspath(given.get("out", folder)) != folder:
             fail(f"--resume {given['resume']} goes on in that folder: drop --out")
-        cfg = Config(**{**saved, **given})
     elif "demo" in given:
         cfg = Config(**{"eta": 0.2, "iterations": 1000, **given})
     else:
@@ -1529,6 +1537,10 @@ def parse_config(argv=None) -> Config:
         preset = {"model": name, **PRESETS.get(name, {})}
         bf16 = torch.cuda.is_available()  # a CPU's bf16 changes a class's figures: if asked
         cfg = Config(**{"bf16": bf16, **preset, **given})
+        for name in ("model", "prompts", "judge", "eval_set"):  # absolute: --resume from anywhere
+            path = getattr(cfg, name) or ""
+            if path not in NAMES and os.path.exists(path.replace("{t}", "1")):
+                setattr(cfg, name, os.path.abspath(path))
     check(cfg)
     return cfg
 
@@ -1543,7 +1555,7 @@ def check(cfg: Config):
         "--k: SPPO compares responses, K must be at least 2": cfg.k < 2,
         "--temperature: above 0, or the K responses would be one": not 0 < cfg.temperature,
         "--top-p: in (0, 1]": not 0 < cfg.top_p <= 1,
-        "--eta and --lr: positive": not (cfg.eta > 0 and cfg.lr > 0),
+        "--eta and --lr: positive, finite": not (0 < cfg.eta < math.inf and 0 < cfg.lr < math.inf),
         "--warmup-ratio: in [0, 1)": not 0 <= cfg.warmup_ratio < 1,
         "--eval-prompts: 0 or more": cfg.eval_prompts < 0,
         "--max-length: above --max-prompt-length": cfg.max_length <= cfg.max_prompt_length,
@@ -1558,6 +1570,8 @@ def check(cfg: Config):
         local = path.endswith((*FILES, ".txt"))
         if local and not os.path.exists(path.replace("{t}", "1")):
             fail(f"--{flag} {path}: no such file")
+        if not local and os.path.isfile(path.replace("{t}", "1")):
+            fail(f"--{flag} {path}: name a {', '.join(FILES)} or .txt file")
     for flag, path, kind in (("model", cfg.model, ".gguf"), ("judge", cfg.judge, ".py")):
         if (path.startswith((".", "/", "~")) or path.endswith(kind)) and not os.path.exists(path):
             fail(f"--{flag} {path}: no such file or folder")
