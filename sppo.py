@@ -1463,7 +1463,7 @@ def warn(message: str):
 
 
 def on_sigterm(signum, frame):  # a scheduler's SIGTERM (SLURM, Kubernetes) is a Ctrl-C
-    signal.setitimer(signal.ITIMER_REAL, 0.1)  # again until run() stops: a __del__ ignores it
+    signal.setitimer(signal.ITIMER_REAL, 0.1)  # again until run() catches it: a __del__ would not
     raise KeyboardInterrupt(signal.SIGTERM)
 
 
@@ -1537,10 +1537,10 @@ def parse_config(argv=None) -> Config:
         preset = {"model": name, **PRESETS.get(name, {})}
         bf16 = torch.cuda.is_available()  # a CPU's bf16 changes a class's figures: if asked
         cfg = Config(**{"bf16": bf16, **preset, **given})
-        for name in ("model", "prompts", "judge", "eval_set"):  # absolute: --resume from anywhere
-            path = getattr(cfg, name) or ""
+        for key in ("model", "prompts", "judge", "eval_set"):  # absolute: --resume from anywhere
+            path = getattr(cfg, key) or ""
             if path not in NAMES and os.path.exists(path.replace("{t}", "1")):
-                setattr(cfg, name, os.path.abspath(path))
+                setattr(cfg, key, os.path.abspath(path))
     check(cfg)
     return cfg
 
