@@ -571,7 +571,7 @@ def run(cfg: Config):
         if env.distributed:
             dist.barrier()  # no rank leaves the group while another still uses it
     except KeyboardInterrupt as e:  # Ctrl-C, or a scheduler's SIGTERM
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.setitimer(signal.ITIMER_REAL, 0)  # caught: on_sigterm's repeats stop
         where = f"every finished stage is saved. Resume with: python sppo.py --resume {out}"
         say0(f"interrupted, {where if out else 'before anything was written'}")
         raise SystemExit(128 + (e.args[0] if e.args else signal.SIGINT))
